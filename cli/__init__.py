@@ -1,0 +1,1 @@
+"""The `vitidle` command line: a thin click shell over the `vitidle` Python API."""

@@ -1,0 +1,137 @@
+"""`vitidle` commands. Heavy imports live inside the commands so that `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+KEEP = click.FloatRange(0.0, 1.0, min_open=True)
+
+
+def _parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE (e.g. img_size=64)", param_hint="--model-arg")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vitidle")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """Dynamic token idling (IdleViT) for pretrained Vision Transformers."""
+
+
+@cli.command()
+@click.option("--model", "-m", "model_name", required=True,
+              help="timm name or alias: deit_tiny, deit_small, deit_base, vit_small, deit3_small, ...")
+@click.option("--keep", type=KEEP, default=0.7, show_default=True,
+              help="Keep ratio r: fraction of image tokens each idle block runs on (0 < r <= 1).")
+@click.option("--schedule", type=click.Choice(["idlevit", "constant"]), default="idlevit", show_default=True,
+              help="idlevit: first quarter of the blocks dense, then three stages at r, r², r³. "
+                   "constant: r at every block after the first quarter.")
+@click.option("--plan", "plan_text", metavar="BLOCKS:KEEP,...",
+              help="Explicit per-block plan instead of --keep/--schedule, e.g. '3-5:0.7,6-8:0.49,9-11:0.343' "
+                   "(0-indexed blocks; unlisted blocks stay dense).")
+@click.option("--weights", type=click.Path(dir_okay=False),
+              help="Local weights: .safetensors, or .pth/.bin (loaded with weights_only=True).")
+@click.option("--no-pretrained", is_flag=True, help="Random init: no download, no weights file.")
+@click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
+              help="Passed to timm.create_model, e.g. --model-arg img_size=112. Repeatable.")
+@click.option("--output", "-o", type=click.Path(file_okay=False),
+              help="Output folder.  [default: ./<model>-idle]")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, output, force, as_json):
+    """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json)."""
+    from pathlib import Path
+
+    import vitidle
+    from vitidle.engine.discover import input_size
+    from vitidle.flops import count_macs
+    from vitidle.models import create, resolve_name
+
+    name = resolve_name(model_name)
+    folder = Path(output or f"{name}-idle")
+    if folder.exists() and not force:
+        raise vitidle.errors.UsageError(f"{folder} already exists; pass --force to replace it")
+    kwargs = _parse_model_args(model_arg)
+    model = create(name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
+    size = input_size(model)
+    dense_macs = count_macs(model, size)
+    vitidle.convert(model, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
+    idle_macs = count_macs(model, size)
+    vitidle.save(model, folder, force=force)
+
+    from vitidle.engine import IdlePlan
+
+    config = model.vitidle_config
+    num_patches = config["layout"]["num_tokens"] - config["layout"]["num_prefix"]
+    summary = {
+        "model": name,
+        "weights": str(weights) if weights else ("random init" if no_pretrained else "pretrained"),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "input_size": list(size),
+        "gmacs_dense": round(dense_macs / 1e9, 3),
+        "gmacs_idle": round(idle_macs / 1e9, 3),
+        "plan": config["plan"],
+        "output": str(folder),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    rows = [
+        ("model", f"{name} ({summary['weights']})"),
+        ("parameters", f"{summary['parameters'] / 1e6:.2f} M"),
+        ("input", "x".join(map(str, size))),
+        ("GMACs dense", f"{summary['gmacs_dense']:.2f}"),
+        ("GMACs idle", f"{summary['gmacs_idle']:.2f} ({100 * (1 - idle_macs / dense_macs):.0f}% fewer)"),
+        ("plan", IdlePlan(tuple(config["plan"]["keep"])).describe(num_patches)),
+        ("output", f"{folder}/"),
+    ]
+    for key, value in rows:
+        click.echo(f"{key:<12} {value}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; errors print one line on stderr (exit 2 for usage, 1 at run time) unless --debug."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="vitidle", standalone_mode=False)
+    except click.UsageError as e:
+        if debug:
+            raise
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"vitidle: error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        click.echo(f"vitidle: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("vitidle: aborted", err=True)
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        from vitidle.errors import VitidleError
+
+        if isinstance(e, VitidleError):
+            click.echo(f"vitidle: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        click.echo(f"vitidle: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+                   err=True)
+        sys.exit(1)
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

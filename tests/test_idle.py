@@ -1,0 +1,74 @@
+import pytest
+import torch
+from conftest import tiny
+from reference import class_attention_scores, kept_positions
+
+import vitidle
+from vitidle.idle import keep_mask
+
+
+def converted(name="deit_small_patch16_224", keep=0.5, **kw):
+    return vitidle.convert(tiny(name, **kw), keep, schedule="constant")
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224",
+                                  "vit_small_patch14_reg4_dinov2", "vit_medium_patch16_gap_256"])
+def test_kept_set_equals_brute_force_top_k(name):
+    model = converted(name)
+    layout = model.vitidle_config["layout"]
+    inputs = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[0]))
+    model(torch.randn(3, 3, *model.patch_embed.img_size))
+    dense = tiny(name)
+    dense.load_state_dict(model.state_dict())
+    checked = 0
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block, "selector"):
+            continue
+        sel = block.selector
+        want = kept_positions(dense.blocks[i], inputs[i], sel.num_keep, layout["num_prefix"], layout["query"])
+        assert torch.equal(sel.kept_index.sort(1).values, want), f"block {i}"
+        checked += 1
+    assert checked == 3
+
+
+def test_recorded_attention_logits_are_the_full_head_mean_logits():
+    model = converted()
+    block = model.blocks[2]
+    block.selector.record_attention = True
+    x = torch.randn(2, 17, 384, requires_grad=True)
+    block(x)
+    logits = block.selector.attention_logits
+    dense = tiny()
+    dense.load_state_dict(model.state_dict())
+    assert torch.allclose(logits[:, 0], class_attention_scores(dense.blocks[2], x), atol=1e-5)
+    assert logits.shape == (2, 17, 17)
+    logits.sum().backward()  # differentiable, for the token cut loss
+    assert model.blocks[2].attn.qkv.weight.grad is not None
+    mask = keep_mask(block.selector, 17)
+    assert mask.sum(1).tolist() == [1 + block.selector.num_keep] * 2 and mask[:, 0].eq(1).all()
+
+
+def test_idle_tokens_are_bit_identical_through_an_idle_layer():
+    model = converted(keep=0.3)
+    block = model.blocks[1]
+    x = torch.randn(4, 17, 384)
+    y = block(x)
+    idle = torch.ones(4, 17, dtype=torch.bool).scatter_(1, block.selector.kept_index, False)
+    assert idle.sum() == 4 * (16 - block.selector.num_keep)
+    assert torch.equal(y[idle], x[idle])
+    assert not torch.allclose(y[~idle], x[~idle])  # the kept tokens did go through the block
+
+
+def test_num_keep_is_the_knob():
+    model = converted(keep=0.5)
+    block = model.blocks[3]
+    block.selector.num_keep = 3
+    block(torch.randn(2, 17, 384))
+    assert block.selector.kept_index.shape == (2, 4)
+
+
+def test_selector_adds_no_state():
+    model = converted()
+    assert list(model.blocks[1].selector.state_dict()) == []

@@ -1,0 +1,82 @@
+import copy
+
+import pytest
+import torch
+from conftest import TINY, images, tiny
+from reference import idle_forward
+
+import vitidle
+from vitidle.engine import idle_block
+from vitidle.idle import TokenSelector
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_keep_one_equals_dense(name):
+    dense = tiny(name)
+    model = vitidle.convert(copy.deepcopy(dense), keep=1.0)
+    assert sum(isinstance(m, TokenSelector) for m in model.modules()) == 3
+    x = images(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.forward_features(x), dense.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "deit_small_distilled_patch16_224",
+                                  "vit_base_patch16_reg4_gap_256"])
+def test_traced_block_equals_eager_idle_layer(name):
+    dense = tiny(name)
+    layout = vitidle.engine.discover(dense)
+    block = dense.blocks[2]
+    traced = idle_block(copy.deepcopy(block), num_keep=5, num_prefix=layout.num_prefix, query=layout.query)
+    x = torch.randn(3, layout.num_tokens, layout.dim)
+    with torch.no_grad():
+        want = idle_forward(block, x, 5, layout.num_prefix, layout.query)
+        torch.testing.assert_close(traced(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_state_dict_keys_unchanged_and_checkpoints_interchange(deit):
+    dense_keys = list(deit.state_dict())
+    model = vitidle.convert(copy.deepcopy(deit), keep=0.5)
+    assert list(model.state_dict()) == dense_keys
+    other = tiny()
+    model.load_state_dict(other.state_dict())  # a converted model loads a dense checkpoint
+    fresh = tiny()
+    fresh.load_state_dict(model.state_dict())  # and a dense model loads a converted one
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+
+
+def test_model_methods_still_work(deit):
+    model = vitidle.convert(deit, keep=0.5)
+    x = images(model)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 17, 384)
+        assert model.forward_head(feats).shape == (2, 1000)
+        assert model(x).shape == (2, 1000)
+        final, inter = model.forward_intermediates(x)
+        assert len(inter) == 4
+
+
+def test_train_mode_gradients_flow_through_kept_tokens(deit):
+    model = vitidle.convert(deit, keep=0.5).train()
+    x = images(model)
+    model(x).sum().backward()
+    for i, block in enumerate(model.blocks):
+        assert block.attn.qkv.weight.grad is not None and block.attn.qkv.weight.grad.abs().sum() > 0, i
+    assert model.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_converted_model_works_under_grad_checkpointing(deit):
+    model = vitidle.convert(deit, keep=0.5).train()
+    model.set_grad_checkpointing(True)
+    model(images(model)).sum().backward()
+    assert model.blocks[3].mlp.fc1.weight.grad is not None
+
+
+def test_idle_model_differs_from_dense_below_keep_one(deit):
+    dense = copy.deepcopy(deit)
+    model = vitidle.convert(deit, keep=0.5)
+    x = images(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(x), dense(x), atol=1e-4)

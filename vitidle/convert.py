@@ -1,0 +1,78 @@
+"""`convert`: a timm ViT in, the same model with idle-token blocks out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import __version__, models
+from .engine import IdlePlan, apply_plan, discover, make_plan
+from .engine.discover import input_size
+
+
+def convert(
+    model: str | nn.Module,
+    keep: float = 0.7,
+    *,
+    schedule: str = "idlevit",
+    plan: str | Sequence[float | None] | IdlePlan | None = None,
+    pretrained: bool = True,
+    weights: str | os.PathLike | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Convert a ViT to dynamic token idling (IdleViT) and return it.
+
+    `model` is a timm name or alias (created with `pretrained`/`weights`/`model_kwargs`) or a timm
+    model, which is converted in place. `keep` is r of IdleViT's plan (first quarter of the blocks
+    dense, then three stages at r, r², r³); `schedule="constant"` keeps r everywhere; `plan` gives
+    per-block ratios instead ("3-5:0.7,6-11:0.5", or one ratio or None per block). No parameter is
+    added: `state_dict()` keys stay those of the dense model. The knob of a converted block is
+    `block.selector.num_keep` (image tokens kept).
+
+    >>> m = convert("deit_tiny", keep=0.5, pretrained=False, model_kwargs={"depth": 4, "img_size": 64})
+    >>> [b.selector.num_keep for b in m.blocks[1:]]
+    [8, 4, 2]
+    """
+    model_kwargs = dict(model_kwargs or {})
+    if isinstance(model, str):
+        base = models.resolve_name(model)
+        model = models.create(base, pretrained=pretrained, weights=weights, **model_kwargs)
+    else:
+        base = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if weights is not None:
+            models.load_weights(model, weights)
+    layout = discover(model)
+    depth = len(layout.blocks)
+    if isinstance(plan, IdlePlan):
+        idle_plan = plan
+    elif plan is None or isinstance(plan, str):
+        idle_plan = make_plan(depth, keep, schedule, plan)
+    else:
+        idle_plan = IdlePlan(tuple(plan))
+    apply_plan(model, layout, idle_plan)
+    model.vitidle_config = {
+        "vitidle_version": __version__,
+        "base_model": base,
+        "model_kwargs": model_kwargs,
+        "plan": {"keep": list(idle_plan.keep), "num_keep": idle_plan.num_keep(layout.num_patches)},
+        "layout": {
+            "blocks": list(layout.blocks),
+            "num_tokens": layout.num_tokens,
+            "num_prefix": layout.num_prefix,
+            "query": layout.query,
+        },
+        "input": data_config(model),
+    }
+    return model
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing config of the model, with the input size it was built for."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    cfg["input_size"] = list(input_size(model))
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}

@@ -1,0 +1,150 @@
+"""Trace a model with torch.fx and find, by structure, the chain of transformer blocks it idles.
+
+A block is any module with a direct child attention module (`scoring.is_attention`). The model
+is traced with blocks as leaves, shapes are propagated on one sample, and the blocks must form a
+chain (each consumes the previous one's output) of (B, N, C) -> (B, N, C) maps. No model names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import ConversionError, UnsupportedModelError
+from ..idle import TokenSelector
+from ..scoring import is_attention, query_key
+
+
+@dataclass(frozen=True)
+class ViTLayout:
+    """What the rewrite needs to know about a ViT: its block chain and its token layout."""
+
+    blocks: tuple[str, ...]  # qualified module names of the block chain, in order
+    num_tokens: int  # N: tokens entering every block
+    num_prefix: int  # class, distillation and register tokens at the front
+    dim: int  # C
+    query: str  # "cls" scores with the class token's query, "mean" with the mean query
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_tokens - self.num_prefix
+
+
+def is_block(module: nn.Module) -> bool:
+    """True for a module with a direct child attention module (a transformer block)."""
+    return not is_attention(module) and any(is_attention(child) for child in module.children())
+
+
+class LeafTracer(fx.Tracer):
+    """fx tracer that stops at blocks, attention modules and parameter-holding leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_block(m) or is_attention(m) or not any(True for _ in m.children()) or super().is_leaf_module(
+            m, qualname
+        )
+
+
+def specialized_args(forward) -> dict:
+    """Pin every optional forward argument (attn_mask=None, is_causal=False, ...) to its default."""
+    params = list(inspect.signature(forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """Trace `module.forward` with `LeafTracer`; a failure names the pass and the module."""
+    try:
+        graph = LeafTracer().trace(module, concrete_args=specialized_args(module.forward))
+    except Exception as e:  # fx raises many kinds; all mean the same to the user
+        raise ConversionError(f"pass trace: torch.fx cannot trace {type(module).__name__}: {e}") from e
+    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) the model expects: its patch embedding's image size, else its pretrained config."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    proj = getattr(patch_embed, "proj", None)
+    if img_size is not None and isinstance(proj, nn.Conv2d):
+        return (proj.in_channels, *img_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:
+        return tuple(cfg["input_size"])
+    raise UnsupportedModelError(
+        f"cannot tell the input size of {type(model).__name__}: it has no patch_embed.img_size or pretrained_cfg"
+    )
+
+
+def discover(model: nn.Module) -> ViTLayout:
+    """Find the block chain and token layout of `model` by tracing it.
+
+    >>> import timm
+    >>> layout = discover(timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32))
+    >>> layout.blocks, layout.num_tokens, layout.num_prefix
+    (('blocks.0', 'blocks.1'), 5, 1)
+    """
+    name = type(model).__name__
+    if any(isinstance(m, TokenSelector) for m in model.modules()):
+        raise UnsupportedModelError(f"{name} is already converted by vitidle; convert the dense model instead")
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and is_block(modules[n.target])]
+    if not nodes:
+        raise UnsupportedModelError(
+            f"{name} has no attention blocks (modules with a qkv self-attention child); "
+            "vitidle converts ViT-style models such as timm's VisionTransformer"
+        )
+    for prev, node in zip(nodes, nodes[1:]):
+        if node.args[:1] != (prev,) or len(node.args) > 1 or node.kwargs:
+            raise UnsupportedModelError(
+                f"pass discover: in {name}, block {node.target} does not take block {prev.target}'s output alone; "
+                "vitidle needs a plain chain of blocks"
+            )
+    for node in nodes:
+        query_key(modules[node.target].get_submodule(_attention_child(modules[node.target])), node.target)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *input_size(model)))
+    except Exception as e:
+        raise ConversionError(f"pass discover: a sample forward through {name} failed: {e}") from e
+    finally:
+        model.train(was_training)
+    shape_in = tuple(nodes[0].args[0].meta["tensor_meta"].shape)
+    for node in nodes:
+        shape_out = tuple(node.meta["tensor_meta"].shape)
+        if len(shape_out) != 3 or shape_out != shape_in:
+            raise UnsupportedModelError(
+                f"pass discover: block {node.target} maps {shape_in} to {shape_out}; "
+                "vitidle needs blocks that keep the (B, N, C) token shape"
+            )
+    _, num_tokens, dim = shape_in
+
+    num_prefix = getattr(model, "num_prefix_tokens", None)
+    if num_prefix is None:
+        num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        if num_patches is None:
+            raise UnsupportedModelError(f"cannot tell {name}'s prefix tokens: it has no num_prefix_tokens")
+        num_prefix = num_tokens - num_patches
+    has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
+    return ViTLayout(
+        blocks=tuple(n.target for n in nodes),
+        num_tokens=num_tokens,
+        num_prefix=int(num_prefix),
+        dim=dim,
+        query="cls" if has_cls else "mean",
+    )
+
+
+def _attention_child(block: nn.Module) -> str:
+    """The name of the block's attention child; a block with several is ambiguous."""
+    names = [n for n, child in block.named_children() if is_attention(child)]
+    if len(names) != 1:
+        raise UnsupportedModelError(f"{type(block).__name__} has {len(names)} attention modules; vitidle needs one")
+    return names[0]

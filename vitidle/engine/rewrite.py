@@ -1,0 +1,122 @@
+"""Rewrite each idle block's fx graph: select tokens before it, merge the idle ones back after it.
+
+Each pass is a function on a block's graph with one job:
+    find_attention          -> the attention call and the normed input it reads
+    insert_token_selection  -> x  becomes  gather(x, selector(norm(x), W_q, b_q, W_k, b_k))
+    insert_token_merge      -> y  becomes  scatter(x, index, y): idle tokens copied unchanged
+The rewritten block is a GraphModule that holds the block's own submodules under their own
+names plus one parameter-free `selector`, so state-dict keys do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConversionError
+from ..idle import TokenSelector
+from ..scoring import ParamSlice, QueryKey, is_attention, query_key
+from .discover import ViTLayout, trace
+from .plan import IdlePlan
+
+SELECTOR = "selector"
+
+
+def find_attention(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node]:
+    """Return (x, attention call, its input): the input is x itself or a module applied to x (the norm)."""
+    modules = dict(gm.named_modules())
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and is_attention(modules[n.target])]
+    if len(calls) != 1:
+        raise ConversionError(f"pass find_attention: expected one attention call in the block, found {len(calls)}")
+    attn = calls[0]
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    src = attn.args[0]
+    if src is not x and not (src.op == "call_module" and src.args[:1] == (x,) and len(src.args) == 1):
+        raise ConversionError(
+            f"pass find_attention: the input of {attn.target} is neither the block input nor norm(block input)"
+        )
+    return x, attn, src
+
+
+def _param(graph: fx.Graph, owner: str, p: ParamSlice | None, seen: dict[str, fx.Node]) -> fx.Node | None:
+    if p is None:
+        return None
+    if p.path not in seen:
+        seen[p.path] = graph.get_attr(f"{owner}.{p.path}")
+    return seen[p.path]
+
+
+def insert_token_selection(
+    gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node, qk: QueryKey
+) -> fx.Node:
+    """Insert the selector and the gather of kept tokens; every former use of x reads the kept tokens.
+
+    Returns the index node (B, P + K, C) for `insert_token_merge`.
+    """
+    graph = gm.graph
+    first_use = next(n for n in graph.nodes if x in n.all_input_nodes)
+    with graph.inserting_before(first_use):
+        x_norm = x if attn_input is x else graph.call_module(attn_input.target, (x,))
+        seen: dict[str, fx.Node] = {}
+        params = [_param(graph, attn.target, p, seen) for p in (qk.q_weight, qk.q_bias, qk.k_weight, qk.k_bias)]
+        index = graph.call_module(SELECTOR, (x_norm, *params))
+        kept = graph.call_method("gather", (x, 1, index))
+    x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, kept))
+    return index
+
+
+def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
+    """Scatter the block's output for the kept tokens into a copy of x; idle tokens are copied as they came."""
+    graph = gm.graph
+    output = graph.output_node()
+    (y,) = output.args
+    with graph.inserting_before(output):
+        merged = graph.call_method("scatter", (x, 1, index, y))
+    output.args = (merged,)
+
+
+def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "cls") -> fx.GraphModule:
+    """Return `block` rewritten to run on the prefix tokens and its top-`num_keep` image tokens only.
+
+    >>> import timm, torch
+    >>> block = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32).blocks[0]
+    >>> idle_block(block, num_keep=2, num_prefix=1)(torch.randn(2, 5, 192)).shape
+    torch.Size([2, 5, 192])
+    """
+    gm = trace(block)
+    x, attn, attn_input = find_attention(gm)
+    qk = query_key(gm.get_submodule(attn.target), attn.target)
+    selector = TokenSelector(num_keep, num_prefix, qk.num_heads, qk.scale, query, qk.q_weight.rows, qk.k_weight.rows)
+    gm.add_submodule(SELECTOR, selector)
+    index = insert_token_selection(gm, x, attn, attn_input, qk)
+    insert_token_merge(gm, x, index)
+    gm.graph.lint()
+    gm.recompile()
+    gm.__class__.__name__ = f"Idle{type(block).__name__}"
+    gm.train(block.training)
+    return gm
+
+
+def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module:
+    """Replace, in place, every block the plan idles by its rewritten graph; return the model."""
+    if len(plan.keep) != len(layout.blocks):
+        raise ConversionError(
+            f"pass apply_plan: the plan covers {len(plan.keep)} blocks, the model has {len(layout.blocks)}"
+        )
+    for name, num_keep in zip(layout.blocks, plan.num_keep(layout.num_patches)):
+        if num_keep is None:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.query))
+    return model
+
+
+def config_of(model: nn.Module) -> dict[str, Any]:
+    """The vitidle config `convert` attached to a converted model."""
+    config = getattr(model, "vitidle_config", None)
+    if config is None:
+        raise ConversionError("this model was not converted by vitidle.convert (it has no vitidle_config)")
+    return config

@@ -1,0 +1,103 @@
+"""The idle op: score tokens, keep the top-K, run the block on them, copy the rest unchanged.
+
+`TokenSelector` is the only module the rewrite adds to a block. It has no parameters, so the
+block's state-dict keys stay those of the dense model; its one knob is `num_keep`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class TokenSelector(nn.Module):
+    """Choose the tokens an idle layer runs on: every prefix token and the top-`num_keep` image tokens.
+
+    A token's score is the head-mean pre-softmax attention logit of the class token's query (the
+    mean query, for models without a class token) against that token's key, in the layer's own
+    attention, after the layer's norm. Returns the kept token positions, expanded over channels
+    (B, P + K, C), ready for `Tensor.gather` and `Tensor.scatter`. Their order is arbitrary:
+    a block without positional terms is permutation-equivariant, and the scatter restores order.
+
+    After each forward `kept_index` (B, P + K) holds the kept positions. With
+    `record_attention = True` (for the token cut loss) it also keeps, differentiably,
+    `attention_logits` (B, N, N: head-mean pre-softmax logits of all tokens), at the cost of
+    projecting queries and keys of every token.
+
+    >>> sel = TokenSelector(num_keep=2, num_prefix=1, num_heads=1, scale=1.0)
+    >>> x = torch.randn(1, 5, 8)
+    >>> sel(x, torch.eye(8), None, torch.eye(8), None).shape
+    torch.Size([1, 3, 8])
+    """
+
+    def __init__(
+        self,
+        num_keep: int,
+        num_prefix: int,
+        num_heads: int,
+        scale: float,
+        query: str = "cls",
+        q_rows: slice | None = None,
+        k_rows: slice | None = None,
+    ):
+        super().__init__()
+        if query not in ("cls", "mean"):
+            raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
+        self.num_keep = num_keep
+        self.num_prefix = num_prefix
+        self.num_heads = num_heads
+        self.scale = scale
+        self.query = query
+        # rows of the weights passed in that hold the query / key projection (a fused qkv weight comes whole:
+        # slicing a parameter outside this module would hand module hooks a grad-less view)
+        self.q_rows = q_rows or slice(None)
+        self.k_rows = k_rows or slice(None)
+        self.record_attention = False
+        self.attention_logits: Tensor | None = None
+        self.kept_index: Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"num_keep={self.num_keep}, num_prefix={self.num_prefix}, query={self.query!r}"
+
+    def forward(
+        self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
+    ) -> Tensor:
+        B, N, C = x_norm.shape
+        q_weight, k_weight = q_weight[self.q_rows], k_weight[self.k_rows]
+        q_bias = None if q_bias is None else q_bias[self.q_rows]
+        k_bias = None if k_bias is None else k_bias[self.k_rows]
+        if self.record_attention:
+            scores = self._record(x_norm, q_weight, q_bias, k_weight, k_bias).detach().clone()
+        else:
+            with torch.no_grad():
+                # (scale / H) and q · b_k are the same for every key of an image: no effect on the ranking.
+                query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
+                u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C
+                scores = torch.bmm(x_norm, u.unsqueeze(-1)).squeeze(-1)  # B, N
+        scores[:, : self.num_prefix] = float("inf")  # prefix tokens are always kept
+        index = scores.topk(self.num_prefix + self.num_keep, dim=1, sorted=False).indices  # B, P + K
+        self.kept_index = index
+        return index.unsqueeze(-1).expand(-1, -1, C)
+
+    def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
+                k_bias: Tensor | None) -> Tensor:
+        q = F.linear(x_norm, q_weight, q_bias)  # B, N, A
+        k = F.linear(x_norm, k_weight, k_bias)  # B, N, A
+        # mean over heads of scale * q_h · k_h == (scale / H) * q · k over all heads' dims
+        self.attention_logits = (q @ k.transpose(1, 2)) * (self.scale / self.num_heads)  # B, N, N
+        return self.attention_logits[:, 0] if self.query == "cls" else self.attention_logits.mean(1)
+
+
+def idle_selectors(model: nn.Module) -> list[TokenSelector]:
+    """The token selectors of a converted model, in block order."""
+    return [m for m in model.modules() if isinstance(m, TokenSelector)]
+
+
+def keep_mask(selector: TokenSelector, num_tokens: int) -> Tensor:
+    """(B, N) float mask of the tokens the selector kept in its last forward (1 = kept)."""
+    if selector.kept_index is None:
+        raise RuntimeError("the selector has not run yet: run a forward first")
+    index = selector.kept_index
+    mask = index.new_zeros(index.shape[0], num_tokens, dtype=torch.float32)
+    return mask.scatter_(1, index, 1.0)

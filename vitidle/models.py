@@ -1,0 +1,140 @@
+"""Names to models: short aliases, timm creation, weights from timm's hub path or a local file."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+
+ALIASES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "deit_tiny_distilled": "deit_tiny_distilled_patch16_224",
+    "deit_small_distilled": "deit_small_distilled_patch16_224",
+    "deit_base_distilled": "deit_base_distilled_patch16_224",
+    "deit3_small": "deit3_small_patch16_224",
+    "deit3_medium": "deit3_medium_patch16_224",
+    "deit3_base": "deit3_base_patch16_224",
+    "deit3_large": "deit3_large_patch16_224",
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+
+
+def resolve_name(name: str) -> str:
+    """Map an alias to its timm name and check that timm knows it (a `.tag` suffix is allowed).
+
+    >>> resolve_name("deit_small")
+    'deit_small_patch16_224'
+    """
+    import timm
+
+    full = ALIASES.get(name, name)
+    arch = full.split(".", 1)[0]
+    if timm.is_model(arch):
+        return full
+    candidates = list(ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; `timm.list_models('*vit*')` lists the ViTs"
+    raise UnknownModelError(f"unknown model {name!r}{hint}")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick check that the Hugging Face hub answers, so an offline machine fails in seconds, not minutes."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def create(
+    name: str, *, pretrained: bool = True, weights: str | os.PathLike | None = None, **model_kwargs
+) -> nn.Module:
+    """Create a timm model by name or alias, with weights from `weights`, timm's hub, or random init.
+
+    >>> model = create("deit_tiny", pretrained=False, depth=2)
+    >>> type(model).__name__
+    'VisionTransformer'
+    """
+    import timm
+
+    full = resolve_name(name)
+    if weights is not None or not pretrained:
+        model = timm.create_model(full, pretrained=False, **model_kwargs)
+        if weights is not None:
+            load_weights(model, weights)
+        return model
+    if not hub_reachable():
+        # timm would retry the hub for about a minute; offline, only the local cache can answer
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(full, pretrained=True, **model_kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise WeightsUnavailableError(
+            f"no pretrained weights for {full}: the hub is unreachable and they are not in the local cache "
+            f"({type(e).__name__}); pass --weights FILE or --no-pretrained"
+        ) from e
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors, or from .pth/.bin/.pt with `weights_only=True` (never unpickles code).
+
+    DeiT-style wrappers ({'model': ...}, {'state_dict': ...}) are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt files surface as many error types
+        raise CheckpointError(f"cannot read weights from {path}: {type(e).__name__}: {_first_line(e)}") from e
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a dense or converted checkpoint into `model` (their keys are the same), strictly."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+            if keys
+        ]
+        raise CheckpointError(f"weights in {path} do not fit {type(model).__name__}: {', '.join(parts)}")
+    model.load_state_dict(state)
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]

@@ -1,0 +1,79 @@
+"""Where an attention module keeps its query and key projections, per attention kind.
+
+The token score of IdleViT is the head-mean pre-softmax logit of one query against every key.
+Summed over heads, q_h · k_h is the plain dot product q · k over all heads' dims, so the head
+mean is (scale / H) · q · (W_k x + b_k): linear in the normed token x. That lets `TokenSelector`
+score N tokens in O(N·C) without projecting any key, which holds only where keys are a plain
+linear map of the normed token. Attention with qk-norm or rotary embeddings is refused here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """A parameter of the attention module (dotted path), optionally only some of its rows."""
+
+    path: str
+    rows: slice | None = None
+
+
+@dataclass(frozen=True)
+class QueryKey:
+    """The query and key projections of one attention module, and its logit scale."""
+
+    q_weight: ParamSlice
+    q_bias: ParamSlice | None
+    k_weight: ParamSlice
+    k_bias: ParamSlice | None
+    num_heads: int
+    scale: float
+
+
+def is_attention(module: nn.Module) -> bool:
+    """True for a multi-head self-attention module with a fused `qkv` or separate `q_proj`/`k_proj`."""
+    has_qkv = isinstance(getattr(module, "qkv", None), nn.Linear)
+    has_qk = isinstance(getattr(module, "q_proj", None), nn.Linear) and isinstance(
+        getattr(module, "k_proj", None), nn.Linear
+    )
+    return (has_qkv or has_qk) and isinstance(getattr(module, "num_heads", None), int)
+
+
+def _is_identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def query_key(attn: nn.Module, name: str = "attention") -> QueryKey:
+    """Describe the query/key projections of `attn`, or raise `UnsupportedModelError` saying why.
+
+    >>> from timm.layers import Attention
+    >>> query_key(Attention(64, num_heads=4, qkv_bias=True)).k_weight
+    ParamSlice(path='qkv.weight', rows=slice(64, 128, None))
+    """
+    if not is_attention(attn):
+        raise UnsupportedModelError(f"{name} ({type(attn).__name__}) is not a qkv attention module")
+    if not (_is_identity(getattr(attn, "q_norm", None)) and _is_identity(getattr(attn, "k_norm", None))):
+        raise UnsupportedModelError(
+            f"{name} uses qk-norm, whose keys are not linear in the token; vitidle cannot score it yet"
+        )
+    num_heads = attn.num_heads
+    if isinstance(getattr(attn, "qkv", None), nn.Linear):
+        dim = attn.qkv.out_features // 3
+        bias = attn.qkv.bias is not None
+        q_rows, k_rows = slice(0, dim), slice(dim, 2 * dim)
+        q_w, k_w = ParamSlice("qkv.weight", q_rows), ParamSlice("qkv.weight", k_rows)
+        q_b = ParamSlice("qkv.bias", q_rows) if bias else None
+        k_b = ParamSlice("qkv.bias", k_rows) if bias else None
+    else:
+        dim = attn.q_proj.out_features
+        q_w, k_w = ParamSlice("q_proj.weight"), ParamSlice("k_proj.weight")
+        q_b = ParamSlice("q_proj.bias") if attn.q_proj.bias is not None else None
+        k_b = ParamSlice("k_proj.bias") if attn.k_proj.bias is not None else None
+    scale = float(getattr(attn, "scale", (dim // num_heads) ** -0.5))
+    return QueryKey(q_w, q_b, k_w, k_b, num_heads, scale)
