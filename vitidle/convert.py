@@ -36,15 +36,17 @@ def convert(
     >>> [b.selector.num_keep for b in m.blocks[1:]]
     [8, 4, 2]
     """
-    model_kwargs = dict(model_kwargs or {})
     if isinstance(model, str):
         base = models.resolve_name(model)
+        model_kwargs = dict(model_kwargs or {})
         model = models.create(base, pretrained=pretrained, weights=weights, **model_kwargs)
+        layout = discover(model)
     else:
         base = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if weights is not None:
             models.load_weights(model, weights)
-    layout = discover(model)
+        layout = discover(model)
+        model_kwargs = dict(model_kwargs) if model_kwargs is not None else size_kwargs(model, layout)
     depth = len(layout.blocks)
     if isinstance(plan, IdlePlan):
         idle_plan = plan
@@ -67,6 +69,20 @@ def convert(
         "input": data_config(model),
     }
     return model
+
+
+def size_kwargs(model: nn.Module, layout) -> dict[str, Any]:
+    """The timm kwargs most often overridden (depth, img_size, num_classes), read off a model object.
+
+    `save` checks that they rebuild the same architecture and otherwise asks for `model_kwargs`.
+    """
+    kwargs: dict[str, Any] = {"depth": len(layout.blocks)}
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = list(img_size)
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    return kwargs
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from .engine.discover import evaluating
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
@@ -33,12 +34,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 
     >>> count_macs(timm.create_model("deit_tiny_patch16_224", depth=1), (3, 224, 224)) > 0
     True
     """
-    was_training = model.training
-    model.eval()
-    try:
-        counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
-        with counter, torch.no_grad():
-            model(torch.randn(batch_size, *input_size))
-    finally:
-        model.train(was_training)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
+    with evaluating(model), counter, torch.no_grad():
+        model(torch.randn(batch_size, *input_size))
     return counter.get_total_flops() // 2

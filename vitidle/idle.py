@@ -16,9 +16,9 @@ class TokenSelector(nn.Module):
 
     A token's score is the head-mean pre-softmax attention logit of the class token's query (the
     mean query, for models without a class token) against that token's key, in the layer's own
-    attention, after the layer's norm. Returns the kept token positions, expanded over channels
-    (B, P + K, C), ready for `Tensor.gather` and `Tensor.scatter`. Their order is arbitrary:
-    a block without positional terms is permutation-equivariant, and the scatter restores order.
+    attention, after the layer's norm. Returns the kept tokens as rows of the flattened (B * N, C)
+    tokens, (B * (P + K),), for `gather_tokens` and `merge_tokens`. Their order within an image is
+    arbitrary: a block without positional terms is permutation-equivariant, and the merge restores it.
 
     After each forward `kept_index` (B, P + K) holds the kept positions. With
     `record_attention = True` (for the token cut loss) it also keeps, differentiably,
@@ -28,7 +28,7 @@ class TokenSelector(nn.Module):
     >>> sel = TokenSelector(num_keep=2, num_prefix=1, num_heads=1, scale=1.0)
     >>> x = torch.randn(1, 5, 8)
     >>> sel(x, torch.eye(8), None, torch.eye(8), None).shape
-    torch.Size([1, 3, 8])
+    torch.Size([3])
     """
 
     def __init__(
@@ -74,11 +74,14 @@ class TokenSelector(nn.Module):
                 # (scale / H) and q · b_k are the same for every key of an image: no effect on the ranking.
                 query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
                 u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C
-                scores = torch.bmm(x_norm, u.unsqueeze(-1)).squeeze(-1)  # B, N
+                # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
+                scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
         scores[:, : self.num_prefix] = float("inf")  # prefix tokens are always kept
         index = scores.topk(self.num_prefix + self.num_keep, dim=1, sorted=False).indices  # B, P + K
         self.kept_index = index
-        return index.unsqueeze(-1).expand(-1, -1, C)
+        # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
+        # faster on CPU than gather / scatter with an index expanded over channels
+        return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
     def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
                 k_bias: Tensor | None) -> Tensor:
@@ -87,6 +90,22 @@ class TokenSelector(nn.Module):
         # mean over heads of scale * q_h · k_h == (scale / H) * q · k over all heads' dims
         self.attention_logits = (q @ k.transpose(1, 2)) * (self.scale / self.num_heads)  # B, N, N
         return self.attention_logits[:, 0] if self.query == "cls" else self.attention_logits.mean(1)
+
+
+def gather_tokens(x: Tensor, rows: Tensor) -> Tensor:
+    """(B, N, C) tokens -> (B, P + K, C) kept tokens, for the flat row index of `TokenSelector`."""
+    B, N, C = x.shape
+    return x.reshape(B * N, C).index_select(0, rows).view(B, -1, C)
+
+
+def merge_tokens(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
+    """A copy of x (B, N, C) with the kept rows replaced by the block's output y (B, P + K, C).
+
+    Idle tokens come out bit-identical; x itself is not modified (it may be held elsewhere,
+    e.g. by forward_intermediates).
+    """
+    B, N, C = x.shape
+    return x.reshape(B * N, C).index_copy(0, rows, y.reshape(-1, C)).view(B, N, C)
 
 
 def idle_selectors(model: nn.Module) -> list[TokenSelector]:

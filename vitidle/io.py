@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -30,6 +31,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     if folder.exists() and not force:
         raise UsageError(f"{folder} already exists; pass --force (force=True) to replace it")
     config = config_of(model)
+    check_rebuild(model, config)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -39,7 +41,11 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
             folder.rename(old)
-            tmp.rename(folder)
+            try:
+                tmp.rename(folder)
+            except BaseException:
+                old.rename(folder)
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(folder)
@@ -49,6 +55,25 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     return folder
 
 
+def check_rebuild(model: nn.Module, config: dict) -> None:
+    """Refuse to save what `load` could not rebuild: the base model and kwargs must give the same tensors."""
+    import timm
+
+    base, kwargs = config["base_model"], config.get("model_kwargs") or {}
+    hint = "pass model_kwargs to vitidle.convert with the arguments the model was created with"
+    if not base:
+        raise UsageError(f"cannot save: the model names no timm architecture (pretrained_cfg); {hint}")
+    try:
+        with torch.device("meta"):
+            fresh = timm.create_model(base, pretrained=False, **kwargs)
+    except Exception as e:
+        raise UsageError(f"cannot save: {base}(**{kwargs}) does not build ({type(e).__name__}: {e}); {hint}") from e
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    if want != got:
+        raise UsageError(f"cannot save: {base}(**{kwargs}) builds a different architecture; {hint}")
+
+
 def read_config(folder: str | os.PathLike) -> dict:
     """The `vitidle.json` of a model folder, checked for the fields `load` needs."""
     path = Path(folder) / CONFIG
@@ -56,9 +81,12 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{folder} is not a vitidle model folder: {CONFIG} not found")
     try:
         config = json.loads(path.read_text())
-        base, keep = config["base_model"], config["plan"]["keep"]
+        base = config["base_model"]
+        config["plan"]["keep"] = IdlePlan(config["plan"]["keep"]).keep
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
+    except UsageError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
     if not base:
         raise CheckpointError(f"{path} names no base_model; it cannot be rebuilt")
     return config

@@ -34,15 +34,15 @@ ALIASES = {
 def resolve_name(name: str) -> str:
     """Map an alias to its timm name and check that timm knows it (a `.tag` suffix is allowed).
 
-    >>> resolve_name("deit_small")
-    'deit_small_patch16_224'
+    >>> resolve_name("deit_small"), resolve_name("deit_small.fb_in1k")
+    ('deit_small_patch16_224', 'deit_small_patch16_224.fb_in1k')
     """
     import timm
 
-    full = ALIASES.get(name, name)
-    arch = full.split(".", 1)[0]
+    arch, dot, tag = name.partition(".")
+    arch = ALIASES.get(arch, arch)
     if timm.is_model(arch):
-        return full
+        return arch + dot + tag
     candidates = list(ALIASES) + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     hint = f"; close matches: {', '.join(close)}" if close else "; `timm.list_models('*vit*')` lists the ViTs"
@@ -108,7 +108,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files surface as many error types
-        raise CheckpointError(f"cannot read weights from {path}: {type(e).__name__}: {_first_line(e)}") from e
+        if "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} pickles objects other than tensors; vitidle loads with weights_only=True and will not "
+                "run them: save a plain state dict (torch.save(model.state_dict(), ...)) or .safetensors"
+            ) from e
+        raise CheckpointError(f"cannot read weights from {path}: not a valid checkpoint ({type(e).__name__})") from e
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -135,6 +140,3 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     model.load_state_dict(state)
     return model
 
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]

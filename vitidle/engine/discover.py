@@ -8,6 +8,8 @@ chain (each consumes the previous one's output) of (B, N, C) -> (B, N, C) maps. 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +66,18 @@ def trace(module: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for a sample forward; afterwards every submodule gets back its own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model expects: its patch embedding's image size, else its pretrained config."""
     patch_embed = getattr(model, "patch_embed", None)
@@ -107,15 +121,11 @@ def discover(model: nn.Module) -> ViTLayout:
     for node in nodes:
         query_key(modules[node.target].get_submodule(_attention_child(modules[node.target])), node.target)
 
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *input_size(model)))
     except Exception as e:
         raise ConversionError(f"pass discover: a sample forward through {name} failed: {e}") from e
-    finally:
-        model.train(was_training)
     shape_in = tuple(nodes[0].args[0].meta["tensor_meta"].shape)
     for node in nodes:
         shape_out = tuple(node.meta["tensor_meta"].shape)

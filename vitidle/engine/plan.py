@@ -16,7 +16,7 @@ def check_keep(keep: float, what: str = "keep ratio") -> float:
         keep = float(keep)
     except (TypeError, ValueError):
         raise UsageError(f"{what} must be a number in (0, 1], got {keep!r}") from None
-    if not 0.0 < keep <= 1.0:
+    if not 0.0 < keep <= 1.0:  # also refuses NaN
         raise UsageError(f"{what} must be in (0, 1], got {keep:g}")
     return keep
 
@@ -31,6 +31,12 @@ class IdlePlan:
     """
 
     keep: tuple[float | None, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.keep, (tuple, list)):
+            raise UsageError(f"a plan is one keep ratio or None per block, got {self.keep!r}")
+        keep = tuple(None if k is None else check_keep(k, f"plan keep ratio of block {i}") for i, k in enumerate(self.keep))
+        object.__setattr__(self, "keep", keep)
 
     @classmethod
     def idlevit(cls, depth: int, keep: float) -> IdlePlan:

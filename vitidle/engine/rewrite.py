@@ -2,8 +2,9 @@
 
 Each pass is a function on a block's graph with one job:
     find_attention          -> the attention call and the normed input it reads
-    insert_token_selection  -> x  becomes  gather(x, selector(norm(x), W_q, b_q, W_k, b_k))
-    insert_token_merge      -> y  becomes  scatter(x, index, y): idle tokens copied unchanged
+    insert_token_selection  -> x  becomes  gather_tokens(x, selector(norm(x), W_q, b_q, W_k, b_k))
+    reuse_normed_tokens     -> norm(kept)  becomes  gather_tokens(norm(x), index): no second norm
+    insert_token_merge      -> y  becomes  merge_tokens(x, index, y): idle tokens copied unchanged
 The rewritten block is a GraphModule that holds the block's own submodules under their own
 names plus one parameter-free `selector`, so state-dict keys do not change.
 """
@@ -16,12 +17,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..idle import TokenSelector
+from ..idle import TokenSelector, gather_tokens, merge_tokens
 from ..scoring import ParamSlice, QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
 
 SELECTOR = "selector"
+PER_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node]:
@@ -53,7 +55,7 @@ def insert_token_selection(
 ) -> fx.Node:
     """Insert the selector and the gather of kept tokens; every former use of x reads the kept tokens.
 
-    Returns the index node (B, P + K, C) for `insert_token_merge`.
+    Returns the index node (flat rows of the kept tokens) for the passes after it.
     """
     graph = gm.graph
     first_use = next(n for n in graph.nodes if x in n.all_input_nodes)
@@ -62,18 +64,32 @@ def insert_token_selection(
         seen: dict[str, fx.Node] = {}
         params = [_param(graph, attn.target, p, seen) for p in (qk.q_weight, qk.q_bias, qk.k_weight, qk.k_bias)]
         index = graph.call_module(SELECTOR, (x_norm, *params))
-        kept = graph.call_method("gather", (x, 1, index))
+        kept = graph.call_function(gather_tokens, (x, index))
     x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, kept))
     return index
 
 
+def reuse_normed_tokens(gm: fx.GraphModule, attn_input: fx.Node, index: fx.Node) -> None:
+    """Where the attention reads a per-token norm of the kept tokens, gather the norm already taken of all.
+
+    LayerNorm and RMSNorm act on each token alone, so gather(norm(x)) == norm(gather(x)).
+    """
+    if attn_input.op != "call_module" or not isinstance(gm.get_submodule(attn_input.target), PER_TOKEN_NORMS):
+        return
+    x_norm = index.args[0]
+    with gm.graph.inserting_before(attn_input):
+        kept_norm = gm.graph.call_function(gather_tokens, (x_norm, index))
+    attn_input.replace_all_uses_with(kept_norm)
+    gm.graph.erase_node(attn_input)
+
+
 def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
-    """Scatter the block's output for the kept tokens into a copy of x; idle tokens are copied as they came."""
+    """Write the block's output for the kept tokens into a copy of x; idle tokens are copied as they came."""
     graph = gm.graph
     output = graph.output_node()
     (y,) = output.args
     with graph.inserting_before(output):
-        merged = graph.call_method("scatter", (x, 1, index, y))
+        merged = graph.call_function(merge_tokens, (x, index, y))
     output.args = (merged,)
 
 
@@ -91,11 +107,13 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "c
     selector = TokenSelector(num_keep, num_prefix, qk.num_heads, qk.scale, query, qk.q_weight.rows, qk.k_weight.rows)
     gm.add_submodule(SELECTOR, selector)
     index = insert_token_selection(gm, x, attn, attn_input, qk)
+    if attn_input is not x:
+        reuse_normed_tokens(gm, attn_input, index)
     insert_token_merge(gm, x, index)
     gm.graph.lint()
     gm.recompile()
     gm.__class__.__name__ = f"Idle{type(block).__name__}"
-    gm.train(block.training)
+    gm.training = block.training  # not .train(): the submodules keep their own modes
     return gm
 
 

@@ -1,0 +1,239 @@
+"""The model folder: save/load round trip, plain timm weights, atomic writes, clear errors."""
+
+import json
+import pathlib
+
+import pytest
+import timm
+import torch
+from conftest import TINY, images, tiny
+from safetensors.torch import load_file
+
+import vitidle
+import vitidle.io
+from vitidle.errors import CheckpointError, ConversionError, UsageError
+
+NAME = "deit_small_patch16_224"
+KWARGS = TINY[NAME]
+
+
+def converted(keep=0.5):
+    return vitidle.convert(NAME, keep=keep, pretrained=False, model_kwargs=KWARGS).eval()
+
+
+def leftovers(parent: pathlib.Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def tree(folder: pathlib.Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model, folder) of one converted model saved once for the read-only tests."""
+    model = converted()
+    folder = tmp_path_factory.mktemp("io") / "model-idle"
+    assert vitidle.save(model, folder) == folder
+    return model, folder
+
+
+def test_round_trip_gives_the_same_outputs(saved):
+    model, folder = saved
+    loaded = vitidle.load(folder)
+    assert not loaded.training
+    assert [b.selector.num_keep for b in loaded.blocks[1:]] == [b.selector.num_keep for b in model.blocks[1:]]
+    x = images(model, batch=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_folder_holds_plain_timm_weights(saved):
+    model, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "vitidle.json"]
+    state = load_file(folder / "model.safetensors")
+    dense = tiny(NAME)
+    assert set(state) == set(dense.state_dict())
+    dense.load_state_dict(state, strict=True)
+    x = images(dense)
+    with torch.no_grad():
+        # the same weights: with every image token kept, the converted model is the dense one
+        for block in model.blocks[1:]:
+            block.selector.num_keep = 16
+        try:
+            torch.testing.assert_close(model(x), dense(x), atol=1e-5, rtol=1e-5)
+        finally:
+            for block, k in zip(model.blocks[1:], model.vitidle_config["plan"]["num_keep"][1:]):
+                block.selector.num_keep = k
+        keep_all = vitidle.convert(tiny(NAME), keep=1.0)
+        keep_all.load_state_dict(state, strict=True)
+        torch.testing.assert_close(keep_all(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_config_fields(saved):
+    model, folder = saved
+    config = json.loads((folder / "vitidle.json").read_text())
+    assert config["base_model"] == NAME
+    assert config["vitidle_version"] == vitidle.__version__
+    assert config["plan"]["keep"] == [None, 0.5, 0.25, 0.125]
+    assert config["plan"]["num_keep"] == [None, 8, 4, 2]
+    assert config["input"]["input_size"] == [3, 64, 64]
+    assert config["model_kwargs"] == KWARGS
+
+
+def test_save_refuses_an_existing_folder(saved, tmp_path):
+    model, _ = saved
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists"):
+        vitidle.save(model, folder)
+    assert tree(folder) == {"keep.txt": b"mine"}
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_force_replaces_and_leaves_no_temp_folder(saved, tmp_path):
+    model, _ = saved
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    vitidle.save(model, folder, force=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "vitidle.json"]
+    assert leftovers(tmp_path, "out") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    vitidle.load(folder)
+
+
+def test_save_creates_missing_parents(saved, tmp_path):
+    model, _ = saved
+    folder = tmp_path / "a" / "b" / "out"
+    vitidle.save(model, folder)
+    assert (folder / "vitidle.json").is_file()
+
+
+def test_save_of_an_unconverted_model_writes_nothing(tmp_path):
+    with pytest.raises(ConversionError):
+        vitidle.save(tiny(NAME), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def fail(*args, **kwargs):
+    raise OSError("disk full")
+
+
+def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    monkeypatch.setattr(vitidle.io, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        vitidle.save(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_forced_save_keeps_the_old_folder(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    folder = tmp_path / "out"
+    vitidle.save(model, folder)
+    before = tree(folder)
+    monkeypatch.setattr(vitidle.io, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        vitidle.save(model, folder, force=True)
+    assert tree(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_swap_keeps_the_old_folder(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    folder = tmp_path / "out"
+    vitidle.save(model, folder)
+    before = tree(folder)
+    real_rename = pathlib.Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".out.") and ".old-" not in self.name:  # the new folder moving into place
+            raise OSError("rename failed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        vitidle.save(model, folder, force=True)
+    monkeypatch.undo()
+    assert folder.is_dir() and tree(folder) == before
+    assert leftovers(tmp_path, "out") == []
+
+
+def test_round_trip_of_a_converted_model_object(tmp_path):
+    model = vitidle.convert(tiny(NAME), keep=0.5)
+    vitidle.save(model, tmp_path / "out")
+    loaded = vitidle.load(tmp_path / "out")
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_round_trip_of_a_default_size_model_object(tmp_path):
+    """A timm model at its default size round-trips through convert(object) (no kwargs needed)."""
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    model = vitidle.convert(model, keep=0.5).eval()
+    vitidle.save(model, tmp_path / "out")
+    loaded = vitidle.load(tmp_path / "out")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+# load errors
+
+
+def test_load_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        vitidle.load(tmp_path / "nope")
+
+
+def test_load_folder_without_config(saved, tmp_path):
+    _, folder = saved
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="vitidle.json"):
+        vitidle.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"plan": {"keep": [null, 0.5]}}', '{"base_model": "x"}',
+                                  '{"base_model": "", "plan": {"keep": [null]}}'])
+def test_load_corrupt_config(saved, tmp_path, text):
+    _, folder = saved
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    (tmp_path / "m" / "vitidle.json").write_text(text)
+    with pytest.raises(CheckpointError) as info:
+        vitidle.load(tmp_path / "m")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_load_corrupt_weights(saved, tmp_path, damage):
+    _, folder = saved
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "vitidle.json").write_text((folder / "vitidle.json").read_text())
+    weights = (folder / "model.safetensors").read_bytes()
+    if damage == "garbage":
+        (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00\xff" * 512)
+    elif damage == "truncated":
+        (tmp_path / "m" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(CheckpointError) as info:
+        vitidle.load(tmp_path / "m")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [[None, 1.5, 0.5, 0.5], [None, 0, 0.5, 0.5], [None, "abc", 0.5, 0.5], 0.5],
+                         ids=["1.5", "0", "abc", "not-a-list"])
+def test_load_refuses_an_invalid_plan(saved, tmp_path, keep):
+    _, folder = saved
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    config = json.loads((folder / "vitidle.json").read_text())
+    config["plan"]["keep"] = keep
+    (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError):
+        vitidle.load(tmp_path / "m")
