@@ -105,7 +105,7 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "c
     x, attn, attn_input = find_attention(gm)
     qk = query_key(gm.get_submodule(attn.target), attn.target)
     selector = TokenSelector(num_keep, num_prefix, qk.num_heads, qk.scale, query, qk.q_weight.rows, qk.k_weight.rows)
-    gm.add_submodule(SELECTOR, selector)
+    gm.add_submodule(SELECTOR, selector.train(block.training))
     index = insert_token_selection(gm, x, attn, attn_input, qk)
     if attn_input is not x:
         reuse_normed_tokens(gm, attn_input, index)
