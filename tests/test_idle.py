@@ -74,11 +74,12 @@ def test_selector_adds_no_state():
     assert list(model.blocks[1].selector.state_dict()) == []
 
 
-def test_cached_scoring_product_follows_weight_updates():
+
+def test_selection_follows_in_place_weight_updates():
     model = converted(keep=0.5)
     block = model.blocks[2]
     x = torch.randn(2, 17, 384)
-    block(x)  # fills the eval-mode cache
+    block(x)
     with torch.no_grad():
         block.attn.qkv.weight[384:768].normal_()  # new keys, in place, as an optimizer step updates
     block(x)
@@ -86,5 +87,10 @@ def test_cached_scoring_product_follows_weight_updates():
     dense.load_state_dict(model.state_dict())
     want = kept_positions(dense.blocks[2], x, block.selector.num_keep, 1)
     assert torch.equal(block.selector.kept_index.sort(1).values, want)
-    block.train()(x)  # the training path computes the same selection without the cache
-    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+
+
+def test_selector_follows_the_block_mode():
+    model = converted()
+    assert not model.blocks[1].selector.training
+    model.train()
+    assert model.blocks[1].selector.training

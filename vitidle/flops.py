@@ -34,10 +34,7 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 
     >>> count_macs(timm.create_model("deit_tiny_patch16_224", depth=1), (3, 224, 224)) > 0
     True
     """
-    x = torch.randn(batch_size, *input_size)
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
-    with evaluating(model), torch.no_grad():
-        model(x)  # fills per-model caches (the scorer's W_kᵀ W_q): a one-time cost, not a per-image one
-        with counter:
-            model(x)
+    with evaluating(model), counter, torch.no_grad():
+        model(torch.randn(batch_size, *input_size))
     return counter.get_total_flops() // 2

@@ -56,7 +56,6 @@ class TokenSelector(nn.Module):
         self.record_attention = False
         self.attention_logits: Tensor | None = None
         self.kept_index: Tensor | None = None
-        self._query_to_key_cache: tuple = (None, None)
 
     def extra_repr(self) -> str:
         return f"num_keep={self.num_keep}, num_prefix={self.num_prefix}, query={self.query!r}"
@@ -74,10 +73,7 @@ class TokenSelector(nn.Module):
             with torch.no_grad():
                 # (scale / H) and q · b_k are the same for every key of an image: no effect on the ranking.
                 query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-                if self.training or torch.compiler.is_compiling() or torch.jit.is_tracing():
-                    u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C: W_kᵀ (W_q x + b_q)
-                else:
-                    u = F.linear(query, *self._query_to_key(q_weight, q_bias, k_weight))
+                u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C: W_kᵀ (W_q x + b_q)
                 # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
                 scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
         scores[:, : self.num_prefix] = float("inf")  # prefix tokens are always kept
@@ -86,19 +82,6 @@ class TokenSelector(nn.Module):
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
-
-    def _query_to_key(self, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(W_kᵀ W_q, W_kᵀ b_q), so that inference scoring reads one C×C matrix instead of two.
-
-        Cached, keyed on the weights' storage and version counters: optimizer steps, load_state_dict
-        and .to() each change one of them. Used in eval mode only, where weights rarely change.
-        """
-        key = (q_weight.data_ptr(), q_weight._version, k_weight.data_ptr(), k_weight._version, q_weight.dtype,
-               None if q_bias is None else (q_bias.data_ptr(), q_bias._version))
-        if self._query_to_key_cache[0] != key:
-            product = (k_weight.t() @ q_weight, None if q_bias is None else q_bias @ k_weight)
-            self._query_to_key_cache = (key, product)
-        return self._query_to_key_cache[1]
 
     def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
                 k_bias: Tensor | None) -> Tensor:
