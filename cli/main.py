@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"vitidle: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except click.Abort:
+    except (click.Abort, KeyboardInterrupt):
         click.echo("vitidle: aborted", err=True)
-        sys.exit(1)
+        sys.exit(130)
     except Exception as e:
         if debug:
             raise
