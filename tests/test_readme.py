@@ -12,3 +12,13 @@ def test_ci_runs_exactly_the_readme_setup_commands():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci == commands
+
+
+
+def test_install_adds_no_top_level_cli_package(tmp_path):
+    import subprocess
+    import sys
+
+    probe = "import importlib.util as u; print(u.find_spec('cli') is None, u.find_spec('vitidle_cli') is not None)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
