@@ -35,7 +35,7 @@ def main() -> None:
     for keep in args.keep:
         idle = vitidle.convert(copy.deepcopy(dense), keep).eval()
         for batch in args.batch:
-            iters = max(1, args.iters * 4 // batch) if batch > 1 else args.iters * 4
+            iters = max(1, args.iters * 4 // batch)
             r = speed_vs_limit(dense, idle, batch, repeats=args.repeats, iters=iters)
             print(f"| {keep} | {batch} | {r['dense_ms']:.2f} | {r['idle_ms']:.2f} | {r['limit_ms']:.2f} | "
                   f"{r['idle_speedup']:.2f}x | {r['limit_speedup']:.2f}x | {r['pct_of_limit']:.1f}% |", flush=True)

@@ -66,9 +66,9 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
     kwargs = _parse_model_args(model_arg)
     model = create(name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
     size = input_size(model)
-    dense_macs = count_macs(model, size)
+    dense_macs = count_macs(model)
     vitidle.convert(model, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
-    idle_macs = count_macs(model, size)
+    idle_macs = count_macs(model)
     vitidle.save(model, folder, force=force)
 
     from vitidle.engine import IdlePlan

@@ -4,9 +4,16 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub
 
+import importlib
+import sys
+
 import pytest
 import timm
 import torch
+
+# test the repo's cli/ folder, not whatever copy of it `pip install .` last put in site-packages
+sys.modules["vitidle_cli"] = importlib.import_module("cli")
+sys.modules["vitidle_cli.main"] = importlib.import_module("cli.main")
 
 torch.manual_seed(0)
 

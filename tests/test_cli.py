@@ -129,6 +129,8 @@ BAD = {
     "bad-plan-range": (TINY_ARGS + ["--plan", "1-9:0.5"], 2, "'1-9:0.5'"),
     "bad-plan-keep": (TINY_ARGS + ["--plan", "1:0"], 2, "'1:0'"),
     "model-arg-without-=": (TINY_ARGS + ["--model-arg", "depth"], 2, "KEY=VALUE"),
+    "model-arg-unknown": (TINY_ARGS + ["--model-arg", "foo=1"], 2, "cannot build"),
+    "model-arg-bad-value": (["--model", "deit_tiny", "--model-arg", "img_size=-5"], 2, "cannot build"),
     "bad-schedule": (TINY_ARGS + ["--schedule", "linear"], 2, "--schedule"),
     "missing-weights": (["--model", "deit_tiny", "--model-arg", "depth=4", "--weights", "{tmp}/nope.pth"], 1,
                         "not found"),

@@ -237,3 +237,48 @@ def test_load_refuses_an_invalid_plan(saved, tmp_path, keep):
     (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError):
         vitidle.load(tmp_path / "m")
+
+
+def test_the_num_keep_knob_survives_save_and_load(tmp_path):
+    model = vitidle.convert(tiny(NAME), keep=0.5)
+    model.blocks[1].selector.num_keep = 3
+    vitidle.save(model, tmp_path / "m")
+    loaded = vitidle.load(tmp_path / "m")
+    assert loaded.blocks[1].selector.num_keep == 3
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path):
+    dense = timm.create_model(NAME, pretrained=False, depth=4, img_size=64, global_pool="avg", fc_norm=False)
+    model = vitidle.convert(dense, keep=0.5)
+    with pytest.raises(UsageError, match="model_kwargs"):
+        vitidle.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    model.vitidle_config["model_kwargs"].update(global_pool="avg", fc_norm=False)
+    vitidle.save(model, tmp_path / "m")  # with the full kwargs it saves and rebuilds
+
+
+def test_save_refuses_a_file_path(tmp_path):
+    target = tmp_path / "f"
+    target.write_text("keep me")
+    with pytest.raises(UsageError, match="is a file"):
+        vitidle.save(vitidle.convert(tiny(NAME), keep=0.5), target, force=True)
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["model_kwargs"].update(bogus=1),
+    lambda c: c.update(base_model="not_a_model"),
+    lambda c: c["plan"].update(keep=[None, 0.5]),
+], ids=["bad-kwargs", "unknown-base", "plan-length"])
+def test_load_reports_a_bad_config_as_a_checkpoint_error(saved, tmp_path, edit):
+    _, folder = saved
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    config = json.loads((folder / "vitidle.json").read_text())
+    edit(config)
+    (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError):
+        vitidle.load(tmp_path / "m")

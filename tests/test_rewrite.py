@@ -80,3 +80,61 @@ def test_idle_model_differs_from_dense_below_keep_one(deit):
     x = images(model)
     with torch.no_grad():
         assert not torch.allclose(model(x), dense(x), atol=1e-4)
+
+
+def test_pickle_round_trip_and_later_conversions(deit):
+    import pickle
+
+    model = vitidle.convert(deit, keep=0.5)
+    copied = pickle.loads(pickle.dumps(model))
+    x = images(model)
+    with torch.no_grad():
+        assert torch.equal(copied(x), model(x))
+    vitidle.convert(tiny(), keep=0.5)  # a loaded pickle must not break later traces in the process
+
+
+def test_idle_block_refuses_an_attention_mask(deit):
+    model = vitidle.convert(deit, keep=0.5)
+    with pytest.raises(TypeError):
+        model.blocks[1](torch.randn(1, 17, 384), attn_mask=torch.zeros(17, 17))
+
+
+def test_fewer_tokens_than_the_plan_keeps(deit):
+    model = vitidle.convert(tiny(patch_drop_rate=0.5), keep=1.0).train()  # token dropout in training
+    model(images(model)).sum().backward()
+    model.eval().blocks[2].selector.num_keep = 1000  # a knob beyond the token count keeps all
+    with torch.no_grad():
+        assert model(images(model)).shape == (2, 1000)
+    assert model.blocks[2].selector.kept_index.shape == (2, 17)
+
+
+def test_block_whose_attention_reads_the_input_without_norm():
+    from timm.layers import Attention
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(32, num_heads=2)
+
+        def forward(self, x):
+            return x + self.attn(x)
+
+    block = Block().eval()
+    idle = idle_block(copy.deepcopy(block), num_keep=3, num_prefix=1)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(idle(x), idle_forward_no_norm(block, x, 3), atol=1e-6, rtol=1e-6)
+
+
+def idle_forward_no_norm(block, x, num_keep):
+    block.norm1 = torch.nn.Identity()  # the reference scores after norm1; here there is none
+    return idle_forward(block, x, num_keep, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_converts_a_model_in_another_dtype(dtype):
+    dense = tiny().to(dtype)
+    model = vitidle.convert(copy.deepcopy(dense), keep=1.0)
+    x = images(dense).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), atol=1e-2 if dtype == torch.bfloat16 else 1e-9, rtol=1e-2)

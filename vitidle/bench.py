@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .engine.rewrite import config_of
+from .engine.rewrite import config_of, num_keep_of
 
 
 class KeepFirst(nn.Module):
@@ -35,7 +35,7 @@ def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
     config = config_of(idle)
     limit = copy.deepcopy(dense)
     num_prefix, current = config["layout"]["num_prefix"], config["layout"]["num_tokens"]
-    for name, num_keep in zip(config["layout"]["blocks"], config["plan"]["num_keep"]):
+    for name, num_keep in zip(config["layout"]["blocks"], num_keep_of(idle)):
         n = current if num_keep is None else num_prefix + num_keep
         if n != current:  # slice only where the count changes: once per stage
             parent_name, _, child = name.rpartition(".")

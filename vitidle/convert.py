@@ -40,13 +40,13 @@ def convert(
         base = models.resolve_name(model)
         model_kwargs = dict(model_kwargs or {})
         model = models.create(base, pretrained=pretrained, weights=weights, **model_kwargs)
-        layout = discover(model)
     else:
         base = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if weights is not None:
             models.load_weights(model, weights)
-        layout = discover(model)
-        model_kwargs = dict(model_kwargs) if model_kwargs is not None else size_kwargs(model, layout)
+    layout = discover(model)
+    if model_kwargs is None:
+        model_kwargs = size_kwargs(model, layout)
     depth = len(layout.blocks)
     if isinstance(plan, IdlePlan):
         idle_plan = plan

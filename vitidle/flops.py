@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from .engine.discover import evaluating
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from .engine.discover import evaluating, sample_input
 
 
 def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -27,14 +28,14 @@ _CPU_ATTENTION = {
 }
 
 
-def count_macs(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> int:
-    """Multiply-accumulates (FLOPs / 2) of one eval forward on `batch_size` inputs of `input_size` (C, H, W).
+def count_macs(model: nn.Module, batch_size: int = 1) -> int:
+    """Multiply-accumulates (FLOPs / 2) of one eval forward on `batch_size` images of the model's input size.
 
     >>> import timm
-    >>> count_macs(timm.create_model("deit_tiny_patch16_224", depth=1), (3, 224, 224)) > 0
+    >>> count_macs(timm.create_model("deit_tiny_patch16_224", depth=1)) > 0
     True
     """
     counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     with evaluating(model), counter, torch.no_grad():
-        model(torch.randn(batch_size, *input_size))
+        model(sample_input(model, batch_size))
     return counter.get_total_flops() // 2

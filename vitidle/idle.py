@@ -77,7 +77,8 @@ class TokenSelector(nn.Module):
                 # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
                 scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
         scores[:, : self.num_prefix] = float("inf")  # prefix tokens are always kept
-        index = scores.topk(self.num_prefix + self.num_keep, dim=1, sorted=False).indices  # B, P + K
+        # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
+        index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
         self.kept_index = index
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels

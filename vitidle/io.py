@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -13,8 +14,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .engine.discover import evaluating, sample_input
 from .engine.plan import IdlePlan
-from .engine.rewrite import config_of
+from .engine.rewrite import SELECTOR, config_of, num_keep_of
 from .errors import CheckpointError, UsageError
 
 WEIGHTS = "model.safetensors"
@@ -25,12 +27,16 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     """Write a converted model to `folder`; an existing folder is replaced only with `force=True`.
 
     Everything is written to a temporary folder beside it first, then renamed into place, so a
-    crash never leaves a half-written model or loses the old one.
+    crash never leaves a half-written model or loses the old one. The saved plan holds each
+    block's current `selector.num_keep`.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file; give a folder to save the model in")
     if folder.exists() and not force:
         raise UsageError(f"{folder} already exists; pass --force (force=True) to replace it")
-    config = config_of(model)
+    config = copy.deepcopy(config_of(model))
+    config["plan"]["num_keep"] = num_keep_of(model)
     check_rebuild(model, config)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -55,23 +61,43 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     return folder
 
 
-def check_rebuild(model: nn.Module, config: dict) -> None:
-    """Refuse to save what `load` could not rebuild: the base model and kwargs must give the same tensors."""
-    import timm
+def rebuild(config: dict) -> nn.Module:
+    """The converted model a config describes, with random weights: base model, kwargs, plan, knobs."""
+    from .convert import convert
 
+    model = convert(
+        config["base_model"],
+        plan=IdlePlan(config["plan"]["keep"]),
+        pretrained=False,
+        model_kwargs=config.get("model_kwargs") or {},
+    )
+    num_keep = config["plan"].get("num_keep") or [None] * len(config["plan"]["keep"])
+    for name, k in zip(model.vitidle_config["layout"]["blocks"], num_keep, strict=True):
+        if k is not None:
+            model.get_submodule(name).get_submodule(SELECTOR).num_keep = int(k)
+    model.vitidle_config["plan"]["num_keep"] = num_keep_of(model)
+    return model
+
+
+def check_rebuild(model: nn.Module, config: dict) -> None:
+    """Refuse to save what `load` would not rebuild: the config must give the same model, outputs included."""
     base, kwargs = config["base_model"], config.get("model_kwargs") or {}
     hint = "pass model_kwargs to vitidle.convert with the arguments the model was created with"
     if not base:
         raise UsageError(f"cannot save: the model names no timm architecture (pretrained_cfg); {hint}")
     try:
-        with torch.device("meta"):
-            fresh = timm.create_model(base, pretrained=False, **kwargs)
+        fresh = rebuild(config)
+        fresh.load_state_dict(model.state_dict())
     except Exception as e:
-        raise UsageError(f"cannot save: {base}(**{kwargs}) does not build ({type(e).__name__}: {e}); {hint}") from e
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    if want != got:
-        raise UsageError(f"cannot save: {base}(**{kwargs}) builds a different architecture; {hint}")
+        raise UsageError(f"cannot save: {base}(**{kwargs}) builds a different model ({type(e).__name__}); {hint}") from e
+    x = sample_input(fresh, batch_size=2)
+    param = next(model.parameters())
+    with evaluating(model), evaluating(fresh), torch.no_grad():
+        try:
+            torch.testing.assert_close(model(x.to(param)), fresh(x), rtol=1e-3, atol=1e-3, check_device=False,
+                                       check_dtype=False)
+        except AssertionError:
+            raise UsageError(f"cannot save: {base}(**{kwargs}) computes differently from this model; {hint}") from None
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -82,7 +108,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     try:
         config = json.loads(path.read_text())
         base = config["base_model"]
-        config["plan"]["keep"] = IdlePlan(config["plan"]["keep"]).keep
+        IdlePlan(config["plan"]["keep"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
     except UsageError as e:
@@ -102,15 +128,12 @@ def load(folder: str | os.PathLike) -> nn.Module:
     >>> vitidle.load(d).vitidle_config["plan"] == m.vitidle_config["plan"]
     True
     """
-    from .convert import convert
     from .models import load_weights
 
     config = read_config(folder)
-    model = convert(
-        config["base_model"],
-        plan=IdlePlan(tuple(config["plan"]["keep"])),
-        pretrained=False,
-        model_kwargs=config.get("model_kwargs") or {},
-    )
+    try:
+        model = rebuild(config)
+    except Exception as e:  # a config edited by hand can fail in many ways; all mean the folder is bad
+        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: {e}") from e
     load_weights(model, Path(folder) / WEIGHTS)
     return model.eval()

@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+from .errors import CheckpointError, UnknownModelError, UsageError, WeightsUnavailableError
 
 ALIASES = {
     "deit_tiny": "deit_tiny_patch16_224",
@@ -73,16 +73,21 @@ def create(
     import timm
 
     full = resolve_name(name)
+    try:  # on the meta device: a bad keyword argument fails here in milliseconds, before any download
+        with torch.device("meta"):
+            timm.create_model(full, pretrained=False, **model_kwargs)
+    except Exception as e:
+        raise UsageError(f"cannot build {full} with {model_kwargs}: {type(e).__name__}: {e}") from e
     if weights is not None or not pretrained:
         model = timm.create_model(full, pretrained=False, **model_kwargs)
         if weights is not None:
             load_weights(model, weights)
         return model
-    if not hub_reachable():
-        # timm would retry the hub for about a minute; offline, only the local cache can answer
-        import huggingface_hub.constants
+    import huggingface_hub.constants as hub
 
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    offline = hub.HF_HUB_OFFLINE
+    # timm would retry an unreachable hub for about a minute; offline, only the local cache can answer
+    hub.HF_HUB_OFFLINE = offline or not hub_reachable()
     try:
         return timm.create_model(full, pretrained=True, **model_kwargs)
     except (OSError, RuntimeError, ValueError) as e:
@@ -90,6 +95,8 @@ def create(
             f"no pretrained weights for {full}: the hub is unreachable and they are not in the local cache "
             f"({type(e).__name__}); pass --weights FILE or --no-pretrained"
         ) from e
+    finally:
+        hub.HF_HUB_OFFLINE = offline
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ The token score of IdleViT is the head-mean pre-softmax logit of one query again
 Summed over heads, q_h · k_h is the plain dot product q · k over all heads' dims, so the head
 mean is (scale / H) · q · (W_k x + b_k): linear in the normed token x. That lets `TokenSelector`
 score N tokens in O(N·C) without projecting any key, which holds only where keys are a plain
-linear map of the normed token. Attention with qk-norm or rotary embeddings is refused here.
+linear map of the normed token. Attention with qk-norm is refused here; blocks with rotary
+embeddings take extra arguments and are refused by `discover` as not a plain chain.
 """
 
 from __future__ import annotations

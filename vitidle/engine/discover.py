@@ -63,7 +63,28 @@ def trace(module: nn.Module) -> fx.GraphModule:
         graph = LeafTracer().trace(module, concrete_args=specialized_args(module.forward))
     except Exception as e:  # fx raises many kinds; all mean the same to the user
         raise ConversionError(f"pass trace: torch.fx cannot trace {type(module).__name__}: {e}") from e
-    return fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    drop_pinned_args(gm.graph)
+    gm.recompile()
+    return gm
+
+
+def drop_pinned_args(graph: fx.Graph) -> None:
+    """Remove the pinned optional arguments and fx's asserts on them: forward(x) only.
+
+    fx guards a pinned argument with `_assert_is_none`, which does not pickle (and, once a pickled
+    copy is loaded, breaks every later trace in the process). Without the argument, a caller who
+    passes attn_mask to an idle block gets a TypeError instead of a silently ignored mask.
+    """
+    asserts = (torch._assert, fx._symbolic_trace._assert_is_none)
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target in asserts:
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for node in placeholders[1:]:
+        if not node.users:
+            graph.erase_node(node)
 
 
 @contextmanager
@@ -76,6 +97,14 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def sample_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
+    """Random images of the model's input size, on its device and in its floating dtype."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else "cpu"
+    return torch.randn(batch_size, *input_size(model), dtype=dtype, device=device)
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -123,7 +152,7 @@ def discover(model: nn.Module) -> ViTLayout:
 
     try:
         with evaluating(model), torch.no_grad():
-            ShapeProp(gm).propagate(torch.zeros(1, *input_size(model)))
+            ShapeProp(gm).propagate(sample_input(model))
     except Exception as e:
         raise ConversionError(f"pass discover: a sample forward through {name} failed: {e}") from e
     shape_in = tuple(nodes[0].args[0].meta["tensor_meta"].shape)

@@ -65,7 +65,7 @@ def insert_token_selection(
         params = [_param(graph, attn.target, p, seen) for p in (qk.q_weight, qk.q_bias, qk.k_weight, qk.k_bias)]
         index = graph.call_module(SELECTOR, (x_norm, *params))
         kept = graph.call_function(gather_tokens, (x, index))
-    x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, kept))
+    x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, index, kept))
     return index
 
 
@@ -130,6 +130,13 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
         parent = model.get_submodule(parent_name)
         setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.query))
     return model
+
+
+def num_keep_of(model: nn.Module) -> list[int | None]:
+    """Each block's current `selector.num_keep` (None for a dense block): the plan as it runs now."""
+    blocks = (model.get_submodule(name) for name in config_of(model)["layout"]["blocks"])
+    return [block.selector.num_keep if isinstance(getattr(block, SELECTOR, None), TokenSelector) else None
+            for block in blocks]
 
 
 def config_of(model: nn.Module) -> dict[str, Any]:
