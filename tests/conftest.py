@@ -45,5 +45,15 @@ def images(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
 
 
 @pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No cached weights anywhere, and no network calls."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
 def deit():
     return tiny("deit_small_patch16_224")

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -104,13 +103,6 @@ def test_weights_file_is_used(capsys, tmp_path):
     loaded = vitidle.load(out).state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(loaded[key], value), key
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def corrupt_weights(tmp_path):

@@ -4,7 +4,6 @@ import random
 import socket
 import time
 
-import huggingface_hub.constants
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -227,15 +226,7 @@ def test_pickled_objects_are_refused(small, tmp_path, obj):
 # offline
 
 
-@pytest.fixture
-def empty_cache(tmp_path, monkeypatch):
-    """No cached weights anywhere, and no network calls."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def test_pretrained_offline_fails_fast(empty_cache):
+def test_pretrained_offline_fails_fast(offline):
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as info:
         create("deit_tiny", pretrained=True, **SMALL)
