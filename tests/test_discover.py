@@ -61,28 +61,24 @@ def test_qk_norm_is_refused():
         discover(model)
 
 
-class ParallelBlocks(nn.Module):
-    """Two attention blocks fed from the same input and summed: not a chain."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size=32, patch_size=16, embed_dim=64)
-        self.left = Block(64, num_heads=4)
-        self.right = Block(64, num_heads=4)
-
-    def forward(self, x):
-        x = self.patch_embed(x)
-        return self.left(x) + self.right(x)
-
-
-class ChainWithSkip(nn.Module):
-    """A chain whose second block also reads the embedding: not a plain chain either."""
-
+class TwoBlocks(nn.Module):
     def __init__(self):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size=32, patch_size=16, embed_dim=64)
         self.first = Block(64, num_heads=4)
         self.second = Block(64, num_heads=4)
+
+
+class ParallelBlocks(TwoBlocks):
+    """Two attention blocks fed from the same input and summed: not a chain."""
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        return self.first(x) + self.second(x)
+
+
+class ChainWithSkip(TwoBlocks):
+    """A chain whose second block also reads the embedding: not a plain chain either."""
 
     def forward(self, x):
         x = self.patch_embed(x)
