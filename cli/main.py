@@ -55,6 +55,7 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
     from pathlib import Path
 
     import vitidle
+    from vitidle.engine import IdlePlan
     from vitidle.engine.discover import input_size
     from vitidle.flops import count_macs
     from vitidle.models import create, resolve_name
@@ -70,8 +71,6 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
     vitidle.convert(model, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
     idle_macs = count_macs(model)
     vitidle.save(model, folder, force=force)
-
-    from vitidle.engine import IdlePlan
 
     config = model.vitidle_config
     num_patches = config["layout"]["num_tokens"] - config["layout"]["num_prefix"]

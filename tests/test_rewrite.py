@@ -138,3 +138,12 @@ def test_converts_a_model_in_another_dtype(dtype):
     x = images(dense).to(dtype)
     with torch.no_grad():
         torch.testing.assert_close(model(x), dense(x), atol=1e-2 if dtype == torch.bfloat16 else 1e-9, rtol=1e-2)
+
+
+def test_batch_one_equals_its_row_in_a_batch(deit):
+    model = vitidle.convert(deit, keep=0.5)
+    x = images(model, batch=3)
+    with torch.no_grad():
+        whole = model(x)
+        for i in range(3):
+            torch.testing.assert_close(model(x[i : i + 1]), whole[i : i + 1], atol=1e-5, rtol=1e-5)
