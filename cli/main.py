@@ -100,6 +100,94 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
         click.echo(f"{key:<12} {value}")
 
 
+def _model_folder(model: str | None):
+    """MODEL as given, else the model folder in the current directory (see `vitidle.io.find_model`)."""
+    from pathlib import Path
+
+    from vitidle.io import find_model
+
+    if model is not None:
+        return Path(model)
+    folder, choices = find_model(".")
+    if choices > 1:
+        click.echo(f"vitidle: using {folder}/, the newest of {choices} model folders here (pass MODEL to choose)",
+                   err=True)
+    return folder
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(key) for key, _ in rows) + 2
+    for key, value in rows:
+        click.echo(f"{key:<{width}}{value}")
+
+
+MODEL_LOOKUP = """MODEL is a model folder (model.safetensors + vitidle.json). Without it, the current
+directory is used if it is a model folder, else the newest model folder inside it (by the time its
+vitidle.json was written): in a folder where you ran 'vitidle convert --model deit_small', that is
+./deit_small_patch16_224-idle/, or a later step's output such as a finetuned copy."""
+
+
+@cli.command(epilog=MODEL_LOOKUP)
+@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.option("--onnx", "to_onnx", is_flag=True, help="Export to ONNX (the only format for now; required).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False),
+              help="ONNX file to write.  [default: MODEL/model.onnx, MODEL/dense.onnx with --dense]")
+@click.option("--dense", is_flag=True, help="Export the dense base model with the same weights (the baseline).")
+@click.option("--legacy", is_flag=True, help="Use torch's TorchScript exporter instead of the dynamo exporter.")
+@click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
+@click.option("--atol", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
+              help="Largest |onnxruntime - PyTorch| output difference the parity gate accepts.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Folder of photos for the top-1 check.  [default: scikit-image's sample photos]")
+@click.option("--check-only", is_flag=True, help="Run the parity gate on an existing ONNX file; export nothing.")
+@click.option("--force", is_flag=True, help="Replace an existing ONNX file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
+def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_only, force, as_json):
+    """Export a converted model to ONNX and prove onnxruntime matches PyTorch.
+
+    The file is exported to a temporary folder, checked with onnx.checker (full check), then run by
+    onnxruntime on CPU: output names, shapes and values must match PyTorch within --atol at batch 1
+    and 4 and on photos, with the same top-1 class. Only then is it moved into place; on a mismatch
+    the command exits 1 with the largest difference and writes nothing. Dynamic batch axis;
+    weights go to FILE.data when they pass protobuf's 2 GiB.
+    """
+    from pathlib import Path
+
+    import vitidle
+    from vitidle.export import check_onnx, export_onnx
+
+    if not to_onnx:
+        raise click.UsageError("choose the format: --onnx")
+    folder = _model_folder(model)
+    target = Path(output) if output else folder / ("dense.onnx" if dense else "model.onnx")
+    net = vitidle.load(folder, dense=dense)
+    photos = None
+    if images:
+        from vitidle.data import sample_images
+        from vitidle.io import read_config
+
+        photos = sample_images(read_config(folder)["input"], images)
+    if check_only:
+        report = check_onnx(net, target, atol=atol, images=photos)
+    else:
+        report = export_onnx(net, target, opset=opset, legacy=legacy, atol=atol, images=photos, force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    agree = "n/a (features)" if report.top1_agreement is None else f"{100 * report.top1_agreement:.0f}%"
+    size = target.stat().st_size + (target.with_name(target.name + ".data").stat().st_size
+                                    if target.with_name(target.name + ".data").exists() else 0)
+    _print_table([
+        ("model", f"{folder}/" + (" (dense)" if dense else "")),
+        ("onnx", f"{target} ({size / 2**20:.1f} MiB, opset {report.opset}"
+                 + (f", {report.exporter} exporter)" if report.exporter else ")")),
+        ("max diff", f"{report.max_diff:.2e} (atol {report.atol:g}; batch "
+                     f"{', '.join(map(str, report.batch_sizes))} and {report.images} photos)"),
+        ("top-1 agree", agree),
+        ("parity", "passed" + ("" if check_only else ": written")),
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; errors print one line on stderr (exit 2 for usage, 1 at run time) unless --debug."""
     args = sys.argv[1:] if argv is None else argv

@@ -31,3 +31,16 @@ class WeightsUnavailableError(VitidleError):
 
 class ConversionError(VitidleError):
     """A graph pass failed; the message names the pass."""
+
+
+class OnnxError(VitidleError):
+    """The ONNX exporter failed, or an ONNX file is not a valid model that onnxruntime can run."""
+
+
+class ParityError(OnnxError):
+    """onnxruntime's outputs differ from PyTorch's: carries the largest difference and the tolerance."""
+
+    def __init__(self, message: str, max_diff: float | None = None, atol: float | None = None):
+        super().__init__(message)
+        self.max_diff = max_diff
+        self.atol = atol

@@ -118,8 +118,10 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
-def load(folder: str | os.PathLike) -> nn.Module:
+def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
     """Rebuild a converted model from its folder: base model (no download), same plan, saved weights.
+
+    `dense=True` gives the base timm model with the same weights instead (the baseline).
 
     >>> import vitidle, tempfile, os
     >>> m = vitidle.convert("deit_tiny", pretrained=False, model_kwargs={"depth": 4, "img_size": 64})
@@ -127,13 +129,36 @@ def load(folder: str | os.PathLike) -> nn.Module:
     >>> _ = vitidle.save(m, d)
     >>> vitidle.load(d).vitidle_config["plan"] == m.vitidle_config["plan"]
     True
+    >>> hasattr(vitidle.load(d, dense=True), "vitidle_config")
+    False
     """
-    from .models import load_weights
+    from .models import create, load_weights
 
     config = read_config(folder)
     try:
-        model = rebuild(config)
+        if dense:
+            model = create(config["base_model"], pretrained=False, **(config.get("model_kwargs") or {}))
+        else:
+            model = rebuild(config)
     except Exception as e:  # a config edited by hand can fail in many ways; all mean the folder is bad
         raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: {e}") from e
     load_weights(model, Path(folder) / WEIGHTS)
     return model.eval()
+
+
+def find_model(directory: str | os.PathLike = ".") -> tuple[Path, int]:
+    """The model folder a command run in `directory` means: `directory` itself if it holds a
+    `vitidle.json`, else the newest of its subfolders that do (by `vitidle.json`'s time, so that a
+    later step's output, e.g. a finetuned copy, wins over the converted one). Also returns how many
+    model folders there were to choose from.
+    """
+    directory = Path(directory)
+    if (directory / CONFIG).is_file():
+        return directory, 1
+    found = [p.parent for p in directory.glob(f"*/{CONFIG}") if not p.parent.name.startswith(".")]
+    if not found:
+        raise UsageError(
+            f"no model folder (one with a {CONFIG}) in {directory.resolve()}: run 'vitidle convert' here first "
+            "or pass the model folder"
+        )
+    return max(found, key=lambda p: (p / CONFIG).stat().st_mtime_ns), len(found)

@@ -1,0 +1,212 @@
+"""ONNX export with a parity gate: a file is only written once onnxruntime reproduces PyTorch.
+
+As optimum's exporters do, the exported graph is run by onnxruntime on CPU and compared with the
+PyTorch model: output names, shapes and values (to `atol`) at two batch sizes, and top-1 agreement
+on real photos. The export happens in a temporary folder beside the target; only a file that
+passed is renamed into place, so a failed export leaves nothing that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .engine.discover import evaluating, input_size
+from .errors import OnnxError, ParityError, UsageError
+
+INPUT_NAME = "pixel_values"
+PARITY_BATCH_SIZES = (1, 4)  # the export itself traces batch 2: parity also covers other sizes
+LARGE_WEIGHTS = 1.8 * 2**30  # protobuf caps a file at 2 GiB: larger weights go to `<file>.data`
+MIN_OPSET = 17  # LayerNormalization
+
+
+@dataclass
+class ParityReport:
+    """What the parity gate compared and found; `max_diff` is the largest |onnx - torch| over all checks."""
+
+    file: str
+    exporter: str | None
+    opset: int
+    outputs: list[str]
+    batch_sizes: list[int]
+    max_diff: float
+    atol: float
+    images: int
+    top1_agreement: float | None  # share of the photos with the same top-1 class; None for feature outputs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def output_name(model: nn.Module) -> str:
+    return "logits" if getattr(model, "num_classes", 1) else "features"
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    opset: int = 18,
+    legacy: bool = False,
+    atol: float = 1e-4,
+    images: torch.Tensor | None = None,
+    force: bool = False,
+    external_data: bool | None = None,
+) -> ParityReport:
+    """Export `model` (converted or dense) to ONNX at `path`, then prove onnxruntime matches it.
+
+    torch's dynamo exporter by default, its TorchScript exporter with `legacy=True`; dynamic batch
+    axis; weights in `<path>.data` when they would pass protobuf's 2 GiB (or with
+    `external_data=True`). `images` (B, C, H, W) are the photos for the top-1 check (default:
+    `data.sample_images`). Raises `ParityError` (nothing written) when the outputs differ.
+
+    >>> import vitidle, tempfile, os
+    >>> m = vitidle.convert("deit_tiny", pretrained=False, model_kwargs={"depth": 2, "img_size": 32})
+    >>> r = export_onnx(m, os.path.join(tempfile.mkdtemp(), "model.onnx"), legacy=True)
+    >>> r.max_diff <= r.atol, r.top1_agreement
+    (True, 1.0)
+    """
+    import onnx
+
+    dest = Path(path)
+    if dest.suffix != ".onnx":
+        raise UsageError(f"{dest} does not end in .onnx; name the file to export to, e.g. model.onnx")
+    if opset < MIN_OPSET:
+        raise UsageError(f"opset {opset} is too old: vitidle exports opset {MIN_OPSET} or newer")
+    data = dest.with_name(dest.name + ".data")
+    if dest.exists() and not force:
+        raise UsageError(f"{dest} already exists; pass --force (force=True) to replace it")
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > LARGE_WEIGHTS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        out = tmp / dest.name
+        with evaluating(model), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer and deprecation warnings say nothing the gate does not check
+            _export(model, out, opset, legacy, external_data)
+        if legacy and external_data:
+            onnx.save_model(onnx.load(out), out, save_as_external_data=True, location=data.name)
+        report = check_onnx(model, out, atol=atol, images=images)
+        report.file, report.exporter = str(dest), "torchscript" if legacy else "dynamo"
+        # the data file first: the .onnx appears last, and only after the gate passed
+        if (tmp / data.name).exists():
+            os.replace(tmp / data.name, data)
+        elif data.exists():
+            data.unlink()  # an earlier export's external weights
+        os.replace(out, dest)
+        return report
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export(model: nn.Module, out: Path, opset: int, legacy: bool, external_data: bool) -> None:
+    param = next(model.parameters())
+    # batch 2, not 1: the selector has a batch-1 shortcut, and torch.export's dynamic dims start at 2
+    x = torch.randn(2, *input_size(model), dtype=param.dtype, device=param.device)
+    names = dict(input_names=[INPUT_NAME], output_names=[output_name(model)], opset_version=opset)
+    try:
+        if legacy:
+            axes = {name: {0: "batch"} for name in (INPUT_NAME, output_name(model))}
+            torch.onnx.export(model, (x,), str(out), dynamo=False, dynamic_axes=axes, **names)
+        else:
+            batch = torch.export.Dim("batch")
+            torch.onnx.export(model, (x,), str(out), dynamo=True, dynamic_shapes=({0: batch},),
+                              external_data=external_data, verbose=False, **names)
+    except Exception as e:  # the exporters raise many types; the message is what matters
+        hint = "" if legacy else "; try --legacy (the TorchScript exporter)"
+        raise OnnxError(f"the {'TorchScript' if legacy else 'dynamo'} exporter failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+
+
+def check_onnx(
+    model: nn.Module, path: str | os.PathLike, *, atol: float = 1e-4, images: torch.Tensor | None = None
+) -> ParityReport:
+    """Compare an ONNX file with `model` under onnxruntime (CPU); raise `ParityError` on any mismatch.
+
+    Checks the file (`onnx.checker`, full), the input and output names, then output shapes and
+    values at batch sizes 1 and 4 (random images) and on the photos, and their top-1 classes.
+    """
+    import numpy as np
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxError(f"ONNX file not found: {path}")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        session = _session(path)
+    except Exception as e:
+        raise OnnxError(f"{path} is not a valid ONNX model: {type(e).__name__}: {_first_line(e)}") from e
+    opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), 0)
+    expected = [output_name(model)]
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [INPUT_NAME] or outputs != expected:
+        raise ParityError(f"{path} has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {expected}")
+
+    if images is None:
+        from .data import sample_images
+
+        images = sample_images(_input_config(model))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(b, *input_size(model), generator=generator) for b in PARITY_BATCH_SIZES] + [images]
+    max_diff, agreement = 0.0, None
+    with evaluating(model), torch.no_grad():
+        for i, x in enumerate(batches):
+            param = next(model.parameters())
+            expect = model(x.to(param)).float().cpu().numpy()
+            try:
+                got = session.run(None, {INPUT_NAME: x.to(param.dtype).cpu().numpy()})[0]
+            except Exception as e:
+                raise OnnxError(f"onnxruntime cannot run {path} on a batch of {len(x)}: {_first_line(e)}") from e
+            where = f"on {len(x)} photos" if i == len(batches) - 1 else f"at batch {len(x)}"
+            if got.shape != expect.shape:
+                raise ParityError(f"ONNX parity failed {where}: output shape {list(got.shape)}, PyTorch's "
+                                  f"{list(expect.shape)}")
+            diff = float(np.abs(got.astype(np.float64) - expect).max())
+            max_diff = max(max_diff, diff)
+            if not diff <= atol:  # also catches NaN
+                raise ParityError(f"ONNX parity failed {where}: max difference {diff:.3g} > atol {atol:g}",
+                                  max_diff=diff, atol=atol)
+        if expected == ["logits"] and expect.shape[-1] > 1:
+            # a photo whose top two logits are within atol may flip: not a disagreement
+            top2 = np.sort(expect, axis=-1)[:, -2:]
+            same = got.argmax(-1) == expect.argmax(-1)
+            if not np.all(same | (top2[:, 1] - top2[:, 0] <= atol)):
+                raise ParityError(f"ONNX parity failed: top-1 class differs on {int((~same).sum())} of {len(same)} "
+                                  "photos", max_diff=max_diff, atol=atol)
+            agreement = float(same.mean())
+    return ParityReport(file=str(path), exporter=None, opset=opset, outputs=outputs,
+                        batch_sizes=list(PARITY_BATCH_SIZES), max_diff=max_diff, atol=atol,
+                        images=len(images), top1_agreement=agreement)
+
+
+def _session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: no warnings on stderr
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _input_config(model: nn.Module) -> dict:
+    config = getattr(model, "vitidle_config", None)
+    if config is not None:
+        return config["input"]
+    from .convert import data_config
+
+    return data_config(model)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
