@@ -30,22 +30,36 @@ def cli(debug: bool) -> None:
     """Dynamic token idling (IdleViT) for pretrained Vision Transformers."""
 
 
+def conversion_options(required: bool):
+    """--model and the options that say how to create and convert it (convert, and bench on the fly)."""
+    options = [
+        click.option("--model", "-m", "model_name", required=required,
+                     help="timm name or alias: deit_tiny, deit_small, deit_base, vit_small, deit3_small, ..."),
+        click.option("--keep", type=KEEP, default=0.7, show_default=True,
+                     help="Keep ratio r: fraction of image tokens each idle block runs on (0 < r <= 1)."),
+        click.option("--schedule", type=click.Choice(["idlevit", "constant"]), default="idlevit", show_default=True,
+                     help="idlevit: first quarter of the blocks dense, then three stages at r, r², r³. "
+                          "constant: r at every block after the first quarter."),
+        click.option("--plan", "plan_text", metavar="BLOCKS:KEEP,...",
+                     help="Explicit per-block plan instead of --keep/--schedule, e.g. '3-5:0.7,6-8:0.49,9-11:0.343' "
+                          "(0-indexed blocks; unlisted blocks stay dense)."),
+        click.option("--weights", type=click.Path(dir_okay=False),
+                     help="Local weights: .safetensors, or .pth/.bin (loaded with weights_only=True)."),
+        click.option("--no-pretrained", is_flag=True, help="Random init: no download, no weights file."),
+        click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
+                     help="Passed to timm.create_model, e.g. --model-arg img_size=112. Repeatable."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @cli.command()
-@click.option("--model", "-m", "model_name", required=True,
-              help="timm name or alias: deit_tiny, deit_small, deit_base, vit_small, deit3_small, ...")
-@click.option("--keep", type=KEEP, default=0.7, show_default=True,
-              help="Keep ratio r: fraction of image tokens each idle block runs on (0 < r <= 1).")
-@click.option("--schedule", type=click.Choice(["idlevit", "constant"]), default="idlevit", show_default=True,
-              help="idlevit: first quarter of the blocks dense, then three stages at r, r², r³. "
-                   "constant: r at every block after the first quarter.")
-@click.option("--plan", "plan_text", metavar="BLOCKS:KEEP,...",
-              help="Explicit per-block plan instead of --keep/--schedule, e.g. '3-5:0.7,6-8:0.49,9-11:0.343' "
-                   "(0-indexed blocks; unlisted blocks stay dense).")
-@click.option("--weights", type=click.Path(dir_okay=False),
-              help="Local weights: .safetensors, or .pth/.bin (loaded with weights_only=True).")
-@click.option("--no-pretrained", is_flag=True, help="Random init: no download, no weights file.")
-@click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
-              help="Passed to timm.create_model, e.g. --model-arg img_size=112. Repeatable.")
+@conversion_options(required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False),
               help="Output folder.  [default: ./<model>-idle]")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -96,8 +110,7 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
         ("plan", IdlePlan(tuple(config["plan"]["keep"])).describe(num_patches)),
         ("output", f"{folder}/"),
     ]
-    for key, value in rows:
-        click.echo(f"{key:<12} {value}")
+    _print_table(rows)
 
 
 def _model_folder(model: str | None):
@@ -186,6 +199,84 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
         ("top-1 agree", agree),
         ("parity", "passed" + ("" if check_only else ": written")),
     ])
+
+
+@cli.command(epilog=MODEL_LOOKUP)
+@click.argument("model", required=False, type=click.Path(file_okay=False))
+@conversion_options(required=False)
+@click.option("--batch-size", "-b", "batch_sizes", type=click.IntRange(min=1), multiple=True,
+              help="Batch size to time; repeatable.  [default: 1 and 16]")
+@click.option("--repeats", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Timed rounds (dense, idle, limit in turn); the median is reported.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls per model first.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and onnxruntime.  [default: torch's]")
+@click.option("--no-onnx", is_flag=True, help="Time PyTorch only.")
+@click.option("--legacy", is_flag=True, help="Export for onnxruntime with the TorchScript exporter.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for PyTorch.")
+@click.option("--cuda-graphs", is_flag=True, help="With --device cuda: replay a captured CUDA graph per batch size.")
+@click.option("--compile", "use_compile", is_flag=True, help="With --device cuda: torch.compile the models.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, batch_sizes, repeats, warmup,
+          threads, no_onnx, legacy, device, cuda_graphs, use_compile, as_json):
+    """Time a converted model against its dense model and the limit of idling.
+
+    Dense, idle and the limit (each block run on its kept token count with no selection cost) are
+    timed in one process, in turns, in PyTorch eager and in onnxruntime (CPU, exported the same
+    way). Reports ms per batch, images/s, the idle and limit speedups over dense, and the % of the
+    limit's speedup reached, with parameters and GMACs. With --model, the model is created and
+    converted on the fly (the conversion options as in 'vitidle convert') instead of loading MODEL.
+    """
+    import copy
+
+    import torch
+
+    import vitidle
+    from vitidle.bench import bench as run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    if model_name:
+        if model:
+            raise click.UsageError("pass either MODEL or --model, not both")
+        from vitidle.models import create
+
+        kwargs = _parse_model_args(model_arg)
+        dense = create(model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
+        idle = vitidle.convert(copy.deepcopy(dense), keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
+        source = f"{idle.vitidle_config['base_model']} (converted on the fly)"
+    else:
+        folder = _model_folder(model)
+        dense, idle = vitidle.load(folder, dense=True), vitidle.load(folder)
+        source = f"{folder}/"
+    report = run_bench(dense, idle, batch_sizes=batch_sizes or (1, 16), repeats=repeats, warmup=warmup,
+                       onnx=not no_onnx, legacy=legacy, device=device, cuda_graphs=cuda_graphs,
+                       compile=use_compile, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    from vitidle.engine import IdlePlan
+
+    g = report["gmacs"]
+    num_patches = idle.vitidle_config["layout"]["num_tokens"] - idle.vitidle_config["layout"]["num_prefix"]
+    _print_table([
+        ("model", source),
+        ("plan", IdlePlan(tuple(report["plan"]["keep"])).describe(num_patches)),
+        ("parameters", f"{report['parameters'] / 1e6:.2f} M"),
+        ("GMACs", f"dense {g['dense']:.2f}, idle {g['idle']:.2f}, limit {g['limit']:.2f}"),
+        ("device", f"{report['device']} ({report['device_name']}), {report['threads']} threads, "
+                   + ", ".join(f"{k} {v}" for k, v in report["versions"].items())),
+        ("timing", f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls"),
+    ])
+    if "onnxruntime_skipped" in report:
+        click.echo(f"onnxruntime  skipped: {report['onnxruntime_skipped']}")
+    click.echo("")
+    click.echo("| runtime | batch | dense ms | idle ms | limit ms | dense img/s | idle img/s | idle speedup "
+               "| limit speedup | % of limit |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        click.echo(f"| {r['runtime']} | {r['batch_size']} | {r['dense_ms']:.2f} | {r['idle_ms']:.2f} | "
+                   f"{r['limit_ms']:.2f} | {r['dense_img_s']:.1f} | {r['idle_img_s']:.1f} | {r['idle_speedup']:.2f}x | "
+                   f"{r['limit_speedup']:.2f}x | {r['pct_of_limit']:.1f}% |")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,22 +1,26 @@
-"""Wall-clock speed against the dense model and against the limit of idling.
+"""Wall-clock speed against the dense model and against the limit of idling, in PyTorch and onnxruntime.
 
 The limit runs every block on its kept token count with no selection at all (the image tokens
 are simply cut to P + K at each stage), so `limit ms / idle ms` says how much of the possible
-speedup the converted model reaches. This machine's speed drifts 5-15% within a process, so the
-models are timed interleaved (dense, idle, limit, repeat) and medians are compared.
+speedup the converted model reaches. CPU speed drifts 5-15% within a process, so the models are
+timed interleaved (dense, idle, limit, repeat) and medians are compared.
 """
 
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .engine.rewrite import config_of, num_keep_of
+from .errors import UsageError
 
 
 class KeepFirst(nn.Module):
@@ -46,34 +50,175 @@ def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int = 15, iters: int = 5, warmup: int = 3
+    fns: dict[str, Callable[[], object]],
+    repeats: int = 15,
+    iters: int = 5,
+    warmup: int = 3,
+    sync: Callable[[], None] = lambda: None,
+    on_round: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """Median ms per call of each function, timed in turns so that drift hits all of them alike."""
+    """Median ms per call of each function, timed in turns so that drift hits all of them alike.
+
+    `sync` waits for queued device work (torch.cuda.synchronize) before the clock is read.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    sync()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             start = time.perf_counter()
             for _ in range(iters):
                 fn()
+            sync()
             samples[key].append((time.perf_counter() - start) * 1e3 / iters)
+        on_round()
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def speed_vs_limit(
-    dense: nn.Module, idle: nn.Module, batch_size: int, repeats: int = 15, iters: int = 5
-) -> dict[str, float]:
-    """ms per batch of dense, idle and limit; speedups over dense and % of the limit's speedup reached."""
-    limit = limit_model(dense, idle)
-    x = torch.randn(batch_size, *config_of(idle)["input"]["input_size"])
-    models = {"dense": dense.eval(), "idle": idle.eval(), "limit": limit}
-    with torch.inference_mode():
-        ms = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, repeats, iters)
+def speed_row(ms: dict[str, float], runtime: str, batch_size: int) -> dict:
+    """One result row: ms and images/s of dense, idle and limit, speedups, and % of the limit's speedup."""
     return {
-        **{f"{k}_ms": v for k, v in ms.items()},
-        "idle_speedup": ms["dense"] / ms["idle"],
-        "limit_speedup": ms["dense"] / ms["limit"],
-        "pct_of_limit": 100 * ms["limit"] / ms["idle"],
+        "runtime": runtime,
+        "batch_size": batch_size,
+        **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
+        **{f"{k}_img_s": round(1e3 * batch_size / v, 2) for k, v in ms.items()},
+        "idle_speedup": round(ms["dense"] / ms["idle"], 4),
+        "limit_speedup": round(ms["dense"] / ms["limit"], 4),
+        "pct_of_limit": round(100 * ms["limit"] / ms["idle"], 2),
     }
+
+
+def iters_for(batch_size: int) -> int:
+    """Calls per timed sample: about 16 images' worth, so a sample is neither tiny nor long."""
+    return max(1, 16 // batch_size)
+
+
+def bench(
+    dense: nn.Module,
+    idle: nn.Module,
+    *,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    repeats: int = 15,
+    warmup: int = 3,
+    onnx: bool = True,
+    legacy: bool = False,
+    device: str = "cpu",
+    cuda_graphs: bool = False,
+    compile: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Time `dense`, `idle` and their limit in PyTorch eager (and onnxruntime) and report the speedups.
+
+    One row per runtime and batch size (see `speed_row`). onnxruntime runs on CPU with as many
+    threads as torch; its three models are exported the same way (`export.export_onnx`, parity
+    gate included). On CUDA the clock waits for the device, `cuda_graphs` replays a captured
+    graph per model and batch size, `compile` uses torch.compile; onnxruntime is CPU-only here and
+    is skipped.
+
+    >>> import timm, vitidle
+    >>> dense = timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32)
+    >>> r = bench(dense, vitidle.convert(copy.deepcopy(dense), 0.5), batch_sizes=(2,), repeats=1, onnx=False)
+    >>> [(row["runtime"], row["batch_size"]) for row in r["results"]], r["gmacs"]["idle"] < r["gmacs"]["dense"]
+    ([('pytorch', 2)], True)
+    """
+    from .flops import count_macs
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here")
+    if (cuda_graphs or compile) and not device.startswith("cuda"):
+        raise UsageError("CUDA graphs and torch.compile are offered with --device cuda only")
+    dense, idle = dense.eval(), idle.eval()
+    limit = limit_model(dense, idle)
+    models = {"dense": dense, "idle": idle, "limit": limit}
+    config = config_of(idle)
+    report = {
+        "model": config["base_model"],
+        "plan": config["plan"],
+        "device": device if device.startswith("cuda") else "cpu",
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__},
+        "parameters": sum(p.numel() for p in idle.parameters()),
+        "gmacs": {k: round(count_macs(m) / 1e9, 3) for k, m in models.items()},
+        "repeats": repeats,
+        "warmup": warmup,
+        "results": [],
+    }
+    if onnx and device.startswith("cuda"):
+        onnx = False
+        report["onnxruntime_skipped"] = "onnxruntime runs on CPU here; pass --device cpu to time it"
+    size = tuple(config["input"]["input_size"])
+    total = repeats * len(batch_sizes) * (2 if onnx else 1)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="bench", unit="round", disable=not progress, leave=False) as bar:
+        on_round = bar.update
+        runners = torch_runners(models, device, cuda_graphs, compile)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        for b in batch_sizes:
+            bar.set_description(f"pytorch, batch {b}")
+            fns = runners(torch.randn(b, *size))
+            with torch.inference_mode():
+                ms = time_interleaved(fns, repeats, iters_for(b), warmup, sync, on_round)
+            report["results"].append(speed_row(ms, "pytorch", b))
+        if onnx:
+            import onnxruntime
+
+            report["versions"]["onnxruntime"] = onnxruntime.__version__
+            with tempfile.TemporaryDirectory() as tmp:
+                bar.set_description("onnxruntime: exporting")
+                sessions = onnx_sessions(models, Path(tmp), legacy)
+                for b in batch_sizes:
+                    bar.set_description(f"onnxruntime, batch {b}")
+                    feed = {"pixel_values": torch.randn(b, *size).numpy()}
+                    fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
+                    ms = time_interleaved(fns, repeats, iters_for(b), warmup, on_round=on_round)
+                    report["results"].append(speed_row(ms, "onnxruntime", b))
+    return report
+
+
+def torch_runners(models: dict[str, nn.Module], device: str, cuda_graphs: bool, compile: bool):
+    """For a batch x: one zero-argument callable per model that runs it on `device`."""
+    if not device.startswith("cuda"):
+        return lambda x: {k: (lambda m=m: m(x)) for k, m in models.items()}
+    on_device = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
+    if compile:
+        on_device = {k: torch.compile(m) for k, m in on_device.items()}
+
+    def runners(x: torch.Tensor) -> dict[str, Callable[[], object]]:
+        x = x.to(device)
+        if not cuda_graphs:
+            return {k: (lambda m=m: m(x)) for k, m in on_device.items()}
+        return {k: capture_cuda_graph(m, x) for k, m in on_device.items()}
+
+    return runners
+
+
+def capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """Record one forward on the static input `x` as a CUDA graph; the returned callable replays it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(3):  # warm up allocator and kernels on a side stream, as capture requires
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        model(x)
+    return graph.replay
+
+
+def onnx_sessions(models: dict[str, nn.Module], folder: Path, legacy: bool) -> dict:
+    """Export each model to `folder` (parity-checked) and open an onnxruntime session with torch's thread count."""
+    from .export import export_onnx, ort_session
+
+    sessions = {}
+    for key, model in models.items():
+        path = folder / f"{key}.onnx"
+        size = config_of(models["idle"])["input"]["input_size"]
+        export_onnx(model, path, legacy=legacy, images=torch.randn(4, *size))
+        sessions[key] = ort_session(path, threads=torch.get_num_threads())
+    return sessions

@@ -1,0 +1,157 @@
+"""`vitidle.bench` and `vitidle bench`: the limit model, the report's schema and its arithmetic (no timing asserts)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import images, tiny
+from test_cli import TINY_ARGS, assert_one_error_line, run
+
+import vitidle
+from vitidle.bench import bench, iters_for, limit_model, speed_row, time_interleaved
+from vitidle.errors import UsageError
+
+ROW_KEYS = {
+    "runtime", "batch_size", "dense_ms", "idle_ms", "limit_ms", "dense_img_s", "idle_img_s", "limit_img_s",
+    "idle_speedup", "limit_speedup", "pct_of_limit",
+}
+REPORT_KEYS = {
+    "model", "plan", "device", "device_name", "threads", "versions", "parameters", "gmacs", "repeats", "warmup",
+    "results",
+}
+
+
+@pytest.fixture
+def pair():
+    dense = tiny("deit_tiny_patch16_224", depth=4, img_size=64)
+    return dense, vitidle.convert(copy.deepcopy(dense), 0.5)
+
+
+def test_limit_model_runs_each_block_on_its_kept_count(pair):
+    dense, idle = pair
+    limit = limit_model(dense, idle)
+    seen = []
+    for block in limit.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        limit(images(dense))
+    # 16 patches + class token; plan 0.5, 0.25, 0.125 -> 8, 4, 2 image tokens after the dense first block
+    assert seen == [17, 9, 5, 3]
+    assert not any(isinstance(m, vitidle.TokenSelector) for m in limit.modules())
+
+
+def test_limit_of_a_keep_1_model_is_the_dense_model(pair):
+    dense, _ = pair
+    limit = limit_model(dense, vitidle.convert(copy.deepcopy(dense), 1.0))
+    x = images(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(limit(x), dense(x))
+
+
+def test_time_interleaved_alternates_and_takes_the_median():
+    calls = []
+    ms = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, iters=2,
+                          warmup=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+
+
+def test_speed_row_arithmetic():
+    row = speed_row({"dense": 40.0, "idle": 25.0, "limit": 20.0}, "pytorch", 4)
+    assert set(row) == ROW_KEYS
+    assert row["idle_speedup"] == 1.6 and row["limit_speedup"] == 2.0
+    assert row["pct_of_limit"] == 80.0  # limit ms / idle ms
+    assert row["dense_img_s"] == 100.0 and row["idle_img_s"] == 160.0
+    assert iters_for(1) == 16 and iters_for(16) == 1 and iters_for(64) == 1
+
+
+def test_bench_report_schema_pytorch_and_onnxruntime(pair):
+    dense, idle = pair
+    report = bench(dense, idle, batch_sizes=(1, 3), repeats=1, warmup=0, legacy=True)
+    assert set(report) == REPORT_KEYS
+    assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [
+        ("pytorch", 1), ("pytorch", 3), ("onnxruntime", 1), ("onnxruntime", 3)]
+    for row in report["results"]:
+        assert set(row) == ROW_KEYS
+        assert row["pct_of_limit"] == pytest.approx(100 * row["limit_ms"] / row["idle_ms"], rel=1e-3)
+    assert report["threads"] == torch.get_num_threads()
+    assert {"torch", "onnxruntime"} <= set(report["versions"])
+    assert report["parameters"] == sum(p.numel() for p in dense.parameters())
+    g = report["gmacs"]
+    # the limit skips the selectors' scoring; both are far below dense
+    assert g["limit"] <= g["idle"] < 0.7 * g["dense"]
+    assert report["plan"]["num_keep"] == [None, 8, 4, 2]
+    json.dumps(report)  # serialisable as is
+
+
+def test_bench_refuses_cuda_options_it_cannot_honour(pair):
+    dense, idle = pair
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            bench(dense, idle, device="cuda", repeats=1)
+    with pytest.raises(UsageError, match="--device cuda only"):
+        bench(dense, idle, cuda_graphs=True, repeats=1)
+    with pytest.raises(UsageError, match="--device cuda only"):
+        bench(dense, idle, compile=True, repeats=1)
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+FAST = ["--repeats", "1", "--warmup", "0", "-b", "2"]
+
+
+def test_bench_on_the_folder_convert_wrote(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "convert", *TINY_ARGS, "--keep", "0.5")
+    assert code == 0, err
+    code, out, err = run(capsys, "bench", *FAST, "--no-onnx", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert set(report) == REPORT_KEYS
+    assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [("pytorch", 2)]
+    assert report["model"] == "deit_tiny_patch16_224"
+    assert report["plan"]["num_keep"] == [None, 8, 4, 2]
+
+
+def test_bench_converts_on_the_fly_and_prints_a_table(capsys):
+    threads = torch.get_num_threads()
+    try:
+        code, out, err = run(capsys, "bench", *TINY_ARGS, "--keep", "0.5", *FAST, "--legacy", "--threads", "1")
+    finally:
+        torch.set_num_threads(threads)  # the command sets it for the whole (here: the test) process
+    assert code == 0, err
+    assert "converted on the fly" in out
+    assert "1 threads" in out
+    rows = [line for line in out.splitlines() if line.startswith("| pytorch") or line.startswith("| onnxruntime")]
+    assert [r.split("|")[1].strip() for r in rows] == ["pytorch", "onnxruntime"]
+    assert all(r.rstrip(" |").endswith("%") for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cuda"], "CUDA"),
+    (["--cuda-graphs"], "--device cuda"),
+    (["--keep", "0"], "keep"),
+])
+def test_bench_bad_input_is_one_line_exit_2(capsys, args, message):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, out, err = run(capsys, "bench", *TINY_ARGS, *FAST, "--no-onnx", *args)
+    assert code == 2
+    assert_one_error_line(err)
+    assert message in err
+
+
+def test_bench_model_and_folder_together_is_a_usage_error(capsys, tmp_path):
+    code, _, err = run(capsys, "bench", str(tmp_path), *TINY_ARGS)
+    assert code == 2
+    assert_one_error_line(err)
+    assert "either MODEL or --model" in err
+
+
+def test_bench_without_a_model_folder_here(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "bench", *FAST)
+    assert code == 2
+    assert_one_error_line(err)
+    assert "vitidle convert" in err
