@@ -1,20 +1,21 @@
-"""Dense vs converted vs the limit of idling, on this machine's CPU. Prints a Markdown table.
+"""Dense vs converted vs the limit of idling, PyTorch eager and onnxruntime, on this machine's CPU.
+
+Prints one Markdown table over keep ratios (`vitidle bench` does one model at a time):
 
     python benchmarks/speed.py                      # deit_small, keep 0.7 and 0.5, batch 1 and 16
-    python benchmarks/speed.py --keep 0.7 --batch 16 --repeats 30
+    python benchmarks/speed.py --keep 0.7 --batch 16 --repeats 30 --no-onnx
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
 
 import timm
 import torch
 
 import vitidle
-from vitidle.bench import speed_vs_limit
+from vitidle.bench import bench
 
 
 def main() -> None:
@@ -23,22 +24,27 @@ def main() -> None:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--no-onnx", action="store_true")
+    parser.add_argument("--legacy", action="store_true", help="TorchScript exporter for onnxruntime")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()
-    print(f"{args.model}, random init, fp32, torch {torch.__version__}, timm {timm.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}\n")
-    print("| keep | batch | dense ms | idle ms | limit ms | idle speedup | limit speedup | % of limit |")
-    print("|---|---|---|---|---|---|---|---|")
+    header = True
     for keep in args.keep:
         idle = vitidle.convert(copy.deepcopy(dense), keep).eval()
-        for batch in args.batch:
-            iters = max(1, args.iters * 4 // batch)
-            r = speed_vs_limit(dense, idle, batch, repeats=args.repeats, iters=iters)
-            print(f"| {keep} | {batch} | {r['dense_ms']:.2f} | {r['idle_ms']:.2f} | {r['limit_ms']:.2f} | "
-                  f"{r['idle_speedup']:.2f}x | {r['limit_speedup']:.2f}x | {r['pct_of_limit']:.1f}% |", flush=True)
+        r = bench(dense, idle, batch_sizes=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx,
+                  legacy=args.legacy, progress=True)
+        if header:
+            print(f"{args.model}, random init, fp32, {r['threads']} threads, {r['device_name']}, "
+                  + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", timm {timm.__version__}\n")
+            print("| runtime | keep | batch | dense ms | idle ms | limit ms | idle speedup | limit speedup | % of limit |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            header = False
+        for row in r["results"]:
+            print(f"| {row['runtime']} | {keep} | {row['batch_size']} | {row['dense_ms']:.2f} | {row['idle_ms']:.2f} | "
+                  f"{row['limit_ms']:.2f} | {row['idle_speedup']:.2f}x | {row['limit_speedup']:.2f}x | "
+                  f"{row['pct_of_limit']:.1f}% |", flush=True)
 
 
 if __name__ == "__main__":

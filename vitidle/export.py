@@ -142,7 +142,7 @@ def check_onnx(
         raise OnnxError(f"ONNX file not found: {path}")
     try:
         onnx.checker.check_model(str(path), full_check=True)
-        session = _session(path)
+        session = ort_session(path)
     except Exception as e:
         raise OnnxError(f"{path} is not a valid ONNX model: {type(e).__name__}: {_first_line(e)}") from e
     opset = next((o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")), 0)
@@ -189,7 +189,7 @@ def check_onnx(
                         images=len(images), top1_agreement=agreement)
 
 
-def _session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
