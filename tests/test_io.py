@@ -1,7 +1,9 @@
 """The model folder: save/load round trip, plain timm weights, atomic writes, clear errors."""
 
 import json
+import os
 import pathlib
+import shutil
 
 import pytest
 import timm
@@ -282,3 +284,81 @@ def test_load_reports_a_bad_config_as_a_checkpoint_error(saved, tmp_path, edit):
     (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError):
         vitidle.load(tmp_path / "m")
+
+
+# find_model: the model folder a command run in a directory means
+
+
+def model_copy(saved, folder: pathlib.Path, mtime: float | None = None) -> pathlib.Path:
+    """A copy of the saved model folder at `folder`, its vitidle.json dated `mtime`."""
+    shutil.copytree(saved[1], folder)
+    if mtime is not None:
+        os.utime(folder / "vitidle.json", (mtime, mtime))
+    return folder
+
+
+def test_find_model_in_a_model_folder(saved, tmp_path, monkeypatch):
+    folder = model_copy(saved, tmp_path / "m", mtime=1_000_000)
+    model_copy(saved, folder / "newer", mtime=2_000_000)  # the folder itself wins over a model inside it
+    assert vitidle.io.find_model(folder) == (folder, 1)
+    monkeypatch.chdir(folder)
+    found, count = vitidle.io.find_model()
+    assert found.resolve() == folder.resolve() and count == 1
+    vitidle.load(found)
+
+
+def test_find_model_takes_the_newest_subfolder(saved, tmp_path, monkeypatch):
+    a = model_copy(saved, tmp_path / "a", mtime=2_000_000)
+    b = model_copy(saved, tmp_path / "b", mtime=1_000_000)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.safetensors").write_bytes(b"")  # weights without vitidle.json: not a model folder
+    (tmp_path / "vitidle.txt").write_text("")
+    assert vitidle.io.find_model(tmp_path) == (a, 2)
+    os.utime(b / "vitidle.json", (3_000_000, 3_000_000))
+    os.utime(a / "model.safetensors", (4_000_000, 4_000_000))  # only vitidle.json's time counts
+    assert vitidle.io.find_model(tmp_path) == (b, 2)
+    monkeypatch.chdir(tmp_path)
+    found, count = vitidle.io.find_model()
+    assert found.resolve() == b.resolve() and count == 2
+
+
+def test_find_model_ignores_hidden_folders(saved, tmp_path):
+    a = model_copy(saved, tmp_path / "a", mtime=1_000_000)
+    model_copy(saved, tmp_path / ".a.tmp1234", mtime=2_000_000)  # e.g. save's temporary folder
+    model_copy(saved, tmp_path / ".old", mtime=3_000_000)
+    assert vitidle.io.find_model(tmp_path) == (a, 1)
+    shutil.rmtree(a)
+    with pytest.raises(UsageError, match="no model folder"):
+        vitidle.io.find_model(tmp_path)
+
+
+def test_find_model_without_a_model_folder(saved, tmp_path):
+    with pytest.raises(UsageError) as info:
+        vitidle.io.find_model(tmp_path)
+    message = str(info.value)
+    assert "vitidle convert" in message and str(tmp_path.resolve()) in message and "\n" not in message
+    model_copy(saved, tmp_path / "x" / "y")  # only direct subfolders count
+    with pytest.raises(UsageError):
+        vitidle.io.find_model(tmp_path)
+
+
+# load(dense=True): the base timm model with the same weights
+
+
+def test_load_dense_gives_the_base_model_with_the_same_weights(saved):
+    model, folder = saved
+    dense = vitidle.load(folder, dense=True)
+    assert not hasattr(dense, "vitidle_config")
+    assert not dense.training
+    assert not any(name.endswith("selector") for name, _ in dense.named_modules())
+    state, converted_state = dense.state_dict(), model.state_dict()
+    assert set(state) == set(converted_state)
+    for key, value in converted_state.items():
+        assert torch.equal(state[key], value), key
+    reference = tiny(NAME)
+    reference.load_state_dict(converted_state)
+    x = images(model, batch=3)
+    with torch.no_grad():
+        assert torch.equal(dense(x), reference(x))
+        assert not torch.allclose(dense(x), model(x), atol=1e-3)  # dense, not the idle model
+    assert hasattr(vitidle.load(folder), "vitidle_config")  # the default is still the converted model

@@ -32,10 +32,23 @@ def sample_images(input_config: dict, folder: str | os.PathLike | None = None, l
 
         pictures = [Image.fromarray(getattr(skimage.data, name)()) for name in SAMPLE_PHOTOS[:limit]]
     else:
-        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+        if not Path(folder).is_dir():
+            raise UsageError(f"image folder not found: {folder}")
+        paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not paths:
             raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-        pictures = [Image.open(p) for p in paths]
+        pictures = [_read_image(p) for p in paths[:limit]]
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_config.items() if k in keys})
     return torch.stack([transform(p.convert("RGB")) for p in pictures])
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as e:
+        raise UsageError(f"cannot read image {path}: {type(e).__name__}") from e

@@ -8,10 +8,13 @@ passed is renamed into place, so a failed export leaves nothing that looks valid
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,6 +84,8 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise UsageError(f"opset {opset} is too old: vitidle exports opset {MIN_OPSET} or newer")
     data = dest.with_name(dest.name + ".data")
+    if dest.is_dir():
+        raise UsageError(f"{dest} is a folder; give the ONNX file to write, e.g. {dest / 'model.onnx'}")
     if dest.exists() and not force:
         raise UsageError(f"{dest} already exists; pass --force (force=True) to replace it")
     if external_data is None:
@@ -89,8 +94,7 @@ def export_onnx(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         out = tmp / dest.name
-        with evaluating(model), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and deprecation warnings say nothing the gate does not check
+        with evaluating(model), torch.no_grad(), quiet():
             _export(model, out, opset, legacy, external_data)
         if legacy and external_data:
             onnx.save_model(onnx.load(out), out, save_as_external_data=True, location=data.name)
@@ -105,6 +109,18 @@ def export_onnx(
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporters' warnings and log lines: they say nothing the parity gate does not check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def _export(model: nn.Module, out: Path, opset: int, legacy: bool, external_data: bool) -> None:
@@ -177,10 +193,10 @@ def check_onnx(
                 raise ParityError(f"ONNX parity failed {where}: max difference {diff:.3g} > atol {atol:g}",
                                   max_diff=diff, atol=atol)
         if expected == ["logits"] and expect.shape[-1] > 1:
-            # a photo whose top two logits are within atol may flip: not a disagreement
+            # logits each within atol may swap a top two that are within 2 atol: not a disagreement
             top2 = np.sort(expect, axis=-1)[:, -2:]
             same = got.argmax(-1) == expect.argmax(-1)
-            if not np.all(same | (top2[:, 1] - top2[:, 0] <= atol)):
+            if not np.all(same | (top2[:, 1] - top2[:, 0] <= 2 * atol)):
                 raise ParityError(f"ONNX parity failed: top-1 class differs on {int((~same).sum())} of {len(same)} "
                                   "photos", max_diff=max_diff, atol=atol)
             agreement = float(same.mean())

@@ -1,0 +1,313 @@
+"""ONNX export: both exporters pass the parity gate, dynamic batch, external data, and a failed gate writes nothing."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from conftest import TINY
+
+import vitidle
+import vitidle.export
+from vitidle.errors import OnnxError, ParityError, UsageError
+from vitidle.export import ParityReport, check_onnx, export_onnx
+
+SMALL = {"depth": 2, "img_size": 32}  # 4 image tokens; both blocks idle at keep 0.5 (2, then 1 token)
+REPORT_KEYS = {"file", "exporter", "opset", "outputs", "batch_sizes", "max_diff", "atol", "images", "top1_agreement"}
+
+
+def converted(name="deit_tiny", keep=0.5, **kwargs):
+    return vitidle.convert(name, keep=keep, pretrained=False, model_kwargs=kwargs or dict(SMALL)).eval()
+
+
+def dense_twin(model):
+    """The dense timm model with the converted model's weights: what the idle blocks must differ from."""
+    config = model.vitidle_config
+    dense = timm.create_model(config["base_model"], pretrained=False, **config["model_kwargs"]).eval()
+    dense.load_state_dict(model.state_dict())
+    return dense
+
+
+def run_onnx(path, x):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"pixel_values": x.numpy()})[0]
+
+
+def torch_out(model, x):
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def batch(model, n):
+    return torch.randn(n, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(n))
+
+
+def listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model, path, report) of one legacy export, for the read-only tests."""
+    model = converted()
+    path = tmp_path_factory.mktemp("export") / "model.onnx"
+    report = export_onnx(model, path, legacy=True)
+    return model, path, report
+
+
+# the exporters
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "dynamo"])
+def test_export_passes_the_checker_and_matches_torch_at_any_batch(tmp_path, legacy):
+    model = converted()
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, path, legacy=legacy)
+    assert listing(tmp_path) == ["model.onnx"]  # no temp folder, no .data for a small model
+    onnx.checker.check_model(str(path), full_check=True)
+    assert report.file == str(path)
+    assert report.exporter == ("torchscript" if legacy else "dynamo")
+    assert report.outputs == ["logits"]
+    assert report.max_diff <= report.atol == 1e-4
+    assert report.top1_agreement == 1.0
+
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["pixel_values"]
+    assert [o.name for o in graph.output] == ["logits"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a symbolic batch axis, not a fixed size
+    dense = dense_twin(model)
+    for n in (1, 3):  # neither the traced batch (2) nor the gate's (1, 4) only
+        x = batch(model, n)
+        got = run_onnx(path, x)
+        assert got.shape == (n, 1000)
+        np.testing.assert_allclose(got, torch_out(model, x), atol=1e-4, rtol=0)
+        # the graph idles tokens: it is not the dense model
+        assert np.abs(got - torch_out(dense, x)).max() > 1e-3
+
+
+@pytest.mark.parametrize("legacy,opset", [(True, 17), (True, 20), (False, 17)],
+                         ids=["legacy-17", "legacy-20", "dynamo-17"])
+def test_opset_is_recorded(tmp_path, legacy, opset):
+    model = converted()
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, path, legacy=legacy, opset=opset)
+    versions = {o.domain: o.version for o in onnx.load(str(path), load_external_data=False).opset_import}
+    assert versions.get("", versions.get("ai.onnx")) == opset
+    assert report.opset == opset
+    assert check_onnx(model, path).opset == opset
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "dynamo"])
+def test_external_data_and_a_later_export_removes_the_stale_data_file(tmp_path, legacy):
+    model = converted()
+    path = tmp_path / "model.onnx"
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    report = export_onnx(model, path, legacy=legacy, external_data=True)
+    assert listing(tmp_path) == ["model.onnx", "model.onnx.data"]
+    assert path.stat().st_size < weights / 2 < (tmp_path / "model.onnx.data").stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"model.onnx.data"}  # relative: the pair can be moved together
+    assert report.max_diff <= report.atol
+    assert check_onnx(model, path).max_diff <= 1e-4
+    x = batch(model, 3)
+    np.testing.assert_allclose(run_onnx(path, x), torch_out(model, x), atol=1e-4, rtol=0)
+
+    export_onnx(model, path, legacy=True, external_data=False, force=True)
+    assert listing(tmp_path) == ["model.onnx"]
+    assert path.stat().st_size > weights
+    assert check_onnx(model, path).max_diff <= 1e-4
+
+
+@pytest.mark.parametrize("name,num_prefix,kwargs", [
+    ("deit_tiny_patch16_224", 1, TINY["deit_tiny_patch16_224"]),
+    ("deit_small_distilled_patch16_224", 2, TINY["deit_small_distilled_patch16_224"]),
+    # layer scale at 1: timm's random init of 1e-5 makes the blocks, so the idling, invisible to the gate
+    ("vit_small_patch14_reg4_dinov2", 5, {**TINY["vit_small_patch14_reg4_dinov2"], "init_values": 1.0}),
+    ("vit_medium_patch16_gap_256", 0, {**TINY["vit_medium_patch16_gap_256"], "init_values": 1.0}),
+], ids=["deit", "distilled", "registers", "gap"])
+def test_converted_families_export_and_pass(tmp_path, name, num_prefix, kwargs):
+    model = converted(name, **kwargs)
+    assert model.vitidle_config["layout"]["num_prefix"] == num_prefix
+    assert model.vitidle_config["plan"]["num_keep"] == [None, 8, 4, 2]
+    path = tmp_path / "model.onnx"
+    report = export_onnx(model, path, legacy=True)
+    assert report.max_diff <= report.atol
+    features = not model.num_classes
+    assert report.outputs == ["features" if features else "logits"]
+    assert report.top1_agreement == (None if features else 1.0)
+    x = batch(model, 3)
+    got = run_onnx(path, x)
+    np.testing.assert_allclose(got, torch_out(model, x), atol=1e-4, rtol=0)
+    assert np.abs(got - torch_out(dense_twin(model), x)).max() > 1e-3
+
+
+def test_dense_model_export(tmp_path):
+    model = converted()
+    vitidle.save(model, tmp_path / "m")
+    dense = vitidle.load(tmp_path / "m", dense=True)
+    path = tmp_path / "dense.onnx"
+    report = export_onnx(dense, path, legacy=True)
+    assert report.max_diff <= report.atol and report.top1_agreement == 1.0
+    x = batch(dense, 3)
+    np.testing.assert_allclose(run_onnx(path, x), torch_out(dense_twin(model), x), atol=1e-4, rtol=0)
+    with pytest.raises(ParityError):  # the dense file is not the idle model
+        check_onnx(model, path)
+
+
+# the gate
+
+
+def test_a_perturbed_weight_fails_the_gate(tmp_path):
+    model = converted()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path, legacy=True)
+    with torch.no_grad():
+        model.head.weight.add_(torch.randn(model.head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ParityError) as info:
+        check_onnx(model, path)
+    error = info.value
+    assert error.atol == 1e-4
+    assert error.max_diff is not None and error.max_diff > error.atol
+    assert "max difference" in str(error) and "atol" in str(error) and "\n" not in str(error)
+    # the tolerance is honoured: the same difference passes a looser gate
+    report = check_onnx(model, path, atol=1e3)
+    assert 1e-4 < report.max_diff <= 1e3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing-data"])
+def test_a_corrupt_file_is_an_onnx_error(exported, tmp_path, damage):
+    model, good, _ = exported
+    path = tmp_path / "model.onnx"
+    data = good.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        export_onnx(model, path, legacy=True, external_data=True)
+        (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(OnnxError) as info:
+        check_onnx(model, path)
+    assert not isinstance(info.value, ParityError)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_missing_file_is_an_onnx_error(exported, tmp_path):
+    model, _, _ = exported
+    with pytest.raises(OnnxError, match="not found"):
+        check_onnx(model, tmp_path / "nope.onnx")
+
+
+def perturbing_export(monkeypatch):
+    """Make export_onnx's model differ from the file it just exported: a real parity failure."""
+    real = vitidle.export._export
+    calls = []
+
+    def export(model, out, *args):
+        real(model, out, *args)
+        calls.append(out)
+        with torch.no_grad():
+            model.head.weight.mul_(-1.0)
+
+    monkeypatch.setattr(vitidle.export, "_export", export)
+    return calls
+
+
+def test_a_failed_gate_writes_nothing(tmp_path, monkeypatch):
+    calls = perturbing_export(monkeypatch)
+    with pytest.raises(ParityError) as info:
+        export_onnx(converted(), tmp_path / "model.onnx", legacy=True)
+    assert calls  # the file was exported, then refused
+    assert info.value.max_diff > info.value.atol
+    assert listing(tmp_path) == []  # no .onnx, no .data, no temp folder
+
+
+def test_a_failed_gate_keeps_the_older_files(tmp_path, monkeypatch):
+    (tmp_path / "model.onnx").write_bytes(b"older export")
+    (tmp_path / "model.onnx.data").write_bytes(b"older weights")
+    calls = perturbing_export(monkeypatch)
+    with pytest.raises(ParityError):
+        export_onnx(converted(), tmp_path / "model.onnx", legacy=True, force=True, external_data=True)
+    assert calls
+    assert listing(tmp_path) == ["model.onnx", "model.onnx.data"]
+    assert (tmp_path / "model.onnx").read_bytes() == b"older export"
+    assert (tmp_path / "model.onnx.data").read_bytes() == b"older weights"
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "dynamo"])
+def test_an_exporter_failure_is_a_one_line_onnx_error(tmp_path, monkeypatch, legacy):
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported operator\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    with pytest.raises(OnnxError) as info:
+        export_onnx(converted(), tmp_path / "model.onnx", legacy=legacy)
+    message = str(info.value)
+    assert "\n" not in message and "unsupported operator" in message
+    assert ("--legacy" in message) is not legacy  # the hint points from dynamo to the TorchScript exporter
+    assert listing(tmp_path) == []
+
+
+# arguments
+
+
+def test_an_existing_file_needs_force(exported, tmp_path):
+    model, _, _ = exported
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"mine")
+    with pytest.raises(UsageError, match="already exists"):
+        export_onnx(model, path, legacy=True)
+    assert listing(tmp_path) == ["model.onnx"] and path.read_bytes() == b"mine"
+    export_onnx(model, path, legacy=True, force=True)
+    assert listing(tmp_path) == ["model.onnx"]
+    assert check_onnx(model, path).max_diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["model", "model.onx", "model.onnx.tmp", "sub/model.pt"])
+def test_a_path_not_ending_in_onnx_is_refused(exported, tmp_path, name):
+    model, _, _ = exported
+    with pytest.raises(UsageError, match=r"\.onnx"):
+        export_onnx(model, tmp_path / name, legacy=True)
+    assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("opset", [16, 11])
+def test_an_opset_below_17_is_refused(exported, tmp_path, opset):
+    model, _, _ = exported
+    with pytest.raises(UsageError, match="opset"):
+        export_onnx(model, tmp_path / "model.onnx", legacy=True, opset=opset)
+    assert listing(tmp_path) == []
+
+
+def test_report_schema(exported):
+    model, path, report = exported
+    assert isinstance(report, ParityReport)
+    for data in (report.to_dict(), check_onnx(model, path).to_dict()):
+        assert set(data) == REPORT_KEYS
+        assert json.loads(json.dumps(data)) == data  # plain JSON types
+        assert isinstance(data["file"], str) and data["file"] == str(path)
+        assert isinstance(data["opset"], int) and data["opset"] == 18
+        assert data["outputs"] == ["logits"]
+        assert data["batch_sizes"] == [1, 4] and all(type(b) is int for b in data["batch_sizes"])
+        assert isinstance(data["max_diff"], float) and 0 <= data["max_diff"] <= data["atol"]
+        assert isinstance(data["atol"], float) and data["atol"] == 1e-4
+        assert type(data["images"]) is int and data["images"] == 7  # scikit-image's sample photos
+        assert isinstance(data["top1_agreement"], float) and data["top1_agreement"] == 1.0
+    assert report.to_dict()["exporter"] == "torchscript"
+    assert check_onnx(model, path).to_dict()["exporter"] is None  # a check exports nothing
+
+
+def test_photos_passed_in_are_the_ones_compared(exported):
+    model, path, _ = exported
+    photos = batch(model, 5)
+    report = check_onnx(model, path, images=photos)
+    assert report.images == 5 and report.top1_agreement == 1.0
