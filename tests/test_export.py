@@ -90,8 +90,8 @@ def test_export_passes_the_checker_and_matches_torch_at_any_batch(tmp_path, lega
         assert np.abs(got - torch_out(dense, x)).max() > 1e-3
 
 
-@pytest.mark.parametrize("legacy,opset", [(True, 17), (True, 20), (False, 17)],
-                         ids=["legacy-17", "legacy-20", "dynamo-17"])
+@pytest.mark.parametrize("legacy,opset", [(True, 17), (True, 20), (False, 20)],
+                         ids=["legacy-17", "legacy-20", "dynamo-20"])
 def test_opset_is_recorded(tmp_path, legacy, opset):
     model = converted()
     path = tmp_path / "model.onnx"
@@ -100,6 +100,13 @@ def test_opset_is_recorded(tmp_path, legacy, opset):
     assert versions.get("", versions.get("ai.onnx")) == opset
     assert report.opset == opset
     assert check_onnx(model, path).opset == opset
+
+
+def test_an_opset_the_dynamo_exporter_cannot_write_is_an_error_not_a_silent_other_opset(tmp_path):
+    # the dynamo exporter builds opset 18 and converts down; the selector's Pad has no opset-17 conversion
+    with pytest.raises(OnnxError, match="wrote opset 18, not 17; pass --opset 18 or --legacy"):
+        export_onnx(converted(), tmp_path / "model.onnx", opset=17)
+    assert listing(tmp_path) == []
 
 
 @pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "dynamo"])

@@ -99,6 +99,9 @@ def export_onnx(
         if legacy and external_data:
             onnx.save_model(onnx.load(out), out, save_as_external_data=True, location=data.name)
         report = check_onnx(model, out, atol=atol, images=images)
+        if report.opset != opset:  # the dynamo exporter builds opset 18 and converts down only where it can
+            raise OnnxError(f"the {'TorchScript' if legacy else 'dynamo'} exporter wrote opset {report.opset}, not "
+                            f"{opset}; pass --opset {report.opset}" + ("" if legacy else " or --legacy"))
         report.file, report.exporter = str(dest), "torchscript" if legacy else "dynamo"
         # the data file first: the .onnx appears last, and only after the gate passed
         if (tmp / data.name).exists():
@@ -206,6 +209,11 @@ def check_onnx(
 
 
 def ort_session(path: Path, threads: int | None = None):
+    """An onnxruntime CPU session, with onnxruntime's defaults but `threads` intra-op threads.
+
+    (Measured for `bench`, bs1: pools that do not spin when idle cost the idle model 3% of its
+    speedup, since its graph has more small nodes; one global pool cannot be set once any session exists.)
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()

@@ -68,7 +68,7 @@ class TokenSelector(nn.Module):
         q_bias = None if q_bias is None else q_bias[self.q_rows]
         k_bias = None if k_bias is None else k_bias[self.k_rows]
         if self.record_attention:
-            scores = self._record(x_norm, q_weight, q_bias, k_weight, k_bias).detach().clone()
+            scores = self._record(x_norm, q_weight, q_bias, k_weight, k_bias).detach()
         else:
             with torch.no_grad():
                 # (scale / H) and q · b_k are the same for every key of an image: no effect on the ranking.
@@ -76,7 +76,8 @@ class TokenSelector(nn.Module):
                 u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C: W_kᵀ (W_q x + b_q)
                 # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
                 scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
-        scores[:, : self.num_prefix] = float("inf")  # prefix tokens are always kept
+        # prefix tokens are always kept. (A pad, not `scores[:, :P] = inf`: that exports as a dozen ONNX nodes.)
+        scores = F.pad(scores[:, self.num_prefix :], (self.num_prefix, 0), value=float("inf"))
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
         index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
         self.kept_index = index
