@@ -15,7 +15,7 @@ import timm
 import torch
 
 import vitidle
-from vitidle.bench import bench
+from vitidle.bench import COLUMNS, bench, markdown_table
 
 
 def main() -> None:
@@ -30,21 +30,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()
-    header = True
+    rows = []
     for keep in args.keep:
         idle = vitidle.convert(copy.deepcopy(dense), keep).eval()
         r = bench(dense, idle, batch_sizes=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx,
                   legacy=args.legacy, progress=True)
-        if header:
-            print(f"{args.model}, random init, fp32, {r['threads']} threads, {r['device_name']}, "
-                  + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", timm {timm.__version__}\n")
-            print("| runtime | keep | batch | dense ms | idle ms | limit ms | idle speedup | limit speedup | % of limit |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            header = False
-        for row in r["results"]:
-            print(f"| {row['runtime']} | {keep} | {row['batch_size']} | {row['dense_ms']:.2f} | {row['idle_ms']:.2f} | "
-                  f"{row['limit_ms']:.2f} | {row['idle_speedup']:.2f}x | {row['limit_speedup']:.2f}x | "
-                  f"{row['pct_of_limit']:.1f}% |", flush=True)
+        rows += [{**row, "keep": keep} for row in r["results"]]
+    print(f"{args.model}, random init, fp32, {r['threads']} threads, {r['device_name']}, "
+          + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", timm {timm.__version__}\n")
+    columns = {k: v for k, v in COLUMNS.items() if "img/s" not in k}
+    print(markdown_table(rows, {"runtime": columns.pop("runtime"), "keep": "{keep}", **columns}))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def cli(debug: bool) -> None:
     """Dynamic token idling (IdleViT) for pretrained Vision Transformers."""
 
 
+CONVERSION_PARAMS = ("keep", "schedule", "plan_text", "weights", "no_pretrained", "model_arg")
+
+
 def conversion_options(required: bool):
     """--model and the options that say how to create and convert it (convert, and bench on the fly)."""
     options = [
@@ -141,7 +144,7 @@ vitidle.json was written): in a folder where you ran 'vitidle convert --model de
 
 
 @cli.command(epilog=MODEL_LOOKUP)
-@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
 @click.option("--onnx", "to_onnx", is_flag=True, help="Export to ONNX (the only format for now; required).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="ONNX file to write.  [default: MODEL/model.onnx, MODEL/dense.onnx with --dense]")
@@ -167,29 +170,22 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
     from pathlib import Path
 
     import vitidle
-    from vitidle.export import check_onnx, export_onnx
+    from vitidle.export import check_onnx, data_path, export_onnx
 
     if not to_onnx:
         raise click.UsageError("choose the format: --onnx")
     folder = _model_folder(model)
     target = Path(output) if output else folder / ("dense.onnx" if dense else "model.onnx")
     net = vitidle.load(folder, dense=dense)
-    photos = None
-    if images:
-        from vitidle.data import sample_images
-        from vitidle.io import read_config
-
-        photos = sample_images(read_config(folder)["input"], images)
     if check_only:
-        report = check_onnx(net, target, atol=atol, images=photos)
+        report = check_onnx(net, target, atol=atol, images=images)
     else:
-        report = export_onnx(net, target, opset=opset, legacy=legacy, atol=atol, images=photos, force=force)
+        report = export_onnx(net, target, opset=opset, legacy=legacy, atol=atol, images=images, force=force)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    agree = "n/a (features)" if report.top1_agreement is None else f"{100 * report.top1_agreement:.0f}%"
-    size = target.stat().st_size + (target.with_name(target.name + ".data").stat().st_size
-                                    if target.with_name(target.name + ".data").exists() else 0)
+    agree = "n/a (no class logits)" if report.top1_agreement is None else f"{100 * report.top1_agreement:.0f}%"
+    size = sum(p.stat().st_size for p in (target, data_path(target)) if p.exists())
     _print_table([
         ("model", f"{folder}/" + (" (dense)" if dense else "")),
         ("onnx", f"{target} ({size / 2**20:.1f} MiB, opset {report.opset}"
@@ -202,7 +198,7 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 
 
 @cli.command(epilog=MODEL_LOOKUP)
-@click.argument("model", required=False, type=click.Path(file_okay=False))
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
 @conversion_options(required=False)
 @click.option("--batch-size", "-b", "batch_sizes", type=click.IntRange(min=1), multiple=True,
               help="Batch size to time; repeatable.  [default: 1 and 16]")
@@ -231,13 +227,19 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     import torch
 
     import vitidle
-    from vitidle.bench import bench as run_bench
+    from vitidle.bench import bench as run_bench, markdown_table
 
+    ctx = click.get_current_context()
+    given = [param.opts[0] for param in ctx.command.params if param.name in CONVERSION_PARAMS
+             and ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT]
+    if model_name and model:
+        raise click.UsageError("pass either MODEL or --model, not both")
+    if given and not model_name:
+        raise click.UsageError(f"{', '.join(given)} only apply with --model (a model folder keeps its own plan and "
+                               "weights)")
     if threads:
         torch.set_num_threads(threads)
     if model_name:
-        if model:
-            raise click.UsageError("pass either MODEL or --model, not both")
         from vitidle.models import create
 
         kwargs = _parse_model_args(model_arg)
@@ -270,13 +272,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     if "onnxruntime_skipped" in report:
         click.echo(f"onnxruntime  skipped: {report['onnxruntime_skipped']}")
     click.echo("")
-    click.echo("| runtime | batch | dense ms | idle ms | limit ms | dense img/s | idle img/s | idle speedup "
-               "| limit speedup | % of limit |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        click.echo(f"| {r['runtime']} | {r['batch_size']} | {r['dense_ms']:.2f} | {r['idle_ms']:.2f} | "
-                   f"{r['limit_ms']:.2f} | {r['dense_img_s']:.1f} | {r['idle_img_s']:.1f} | {r['idle_speedup']:.2f}x | "
-                   f"{r['limit_speedup']:.2f}x | {r['pct_of_limit']:.1f}% |")
+    click.echo(markdown_table(report["results"]))
 
 
 def main(argv: list[str] | None = None) -> None:

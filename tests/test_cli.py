@@ -434,7 +434,9 @@ EXPORT_BAD = {
     "negative-atol": (["--onnx", "--atol", "-1"], 2, "--atol"),
     "missing-images": (["--onnx", "--images", "nope"], 2, "--images"),
     "empty-images": (["--onnx", "--legacy", "--images", "{empty}"], 2, "no images"),
-    "missing-model": (["nope", "--onnx"], 1, "not found"),
+    "missing-model": (["nope", "--onnx"], 2, "does not exist"),
+    "not-a-model-folder": (["{empty}", "--onnx"], 1, "not a vitidle model folder"),
+    "output-under-a-file": (["--onnx", "--legacy", "-o", f"{FOLDER}/model.safetensors/x.onnx"], 2, "cannot write"),
 }
 
 

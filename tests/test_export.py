@@ -183,9 +183,30 @@ def test_a_perturbed_weight_fails_the_gate(tmp_path):
     assert error.atol == 1e-4
     assert error.max_diff is not None and error.max_diff > error.atol
     assert "max difference" in str(error) and "atol" in str(error) and "\n" not in str(error)
-    # the tolerance is honoured: the same difference passes a looser gate
-    report = check_onnx(model, path, atol=1e3)
-    assert 1e-4 < report.max_diff <= 1e3
+    # within a looser atol the values pass, but the top-1 class must still agree on every photo
+    with pytest.raises(ParityError, match="top-1 class differs on .* photos") as info:
+        check_onnx(model, path, atol=1e3)
+    assert 1e-4 < info.value.max_diff <= 1e3
+
+
+def test_the_atol_is_honoured(tmp_path):
+    model = converted()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, path, legacy=True)
+    with torch.no_grad():
+        model.head.bias.add_(1e-2)  # every logit moves by 0.01: no class changes rank
+    with pytest.raises(ParityError, match="max difference 0.01"):
+        check_onnx(model, path)
+    report = check_onnx(model, path, atol=0.02)
+    assert report.max_diff == pytest.approx(1e-2, abs=1e-5)
+    assert report.top1_agreement == 1.0
+
+
+def test_per_token_logits_are_compared_without_a_top1(tmp_path):
+    # no pooling: the head gives (B, N, classes); only values and shapes can be compared
+    model = converted(global_pool="", num_classes=10, **SMALL)
+    report = export_onnx(model, tmp_path / "model.onnx", legacy=True)
+    assert report.top1_agreement is None and report.max_diff <= report.atol
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "missing-data"])

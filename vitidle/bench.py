@@ -8,6 +8,7 @@ timed interleaved (dense, idle, limit, repeat) and medians are compared.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import platform
 import statistics
@@ -21,6 +22,7 @@ from torch import nn
 
 from .engine.rewrite import config_of, num_keep_of
 from .errors import UsageError
+from .export import INPUT_NAME, export_onnx, ort_session
 
 
 class KeepFirst(nn.Module):
@@ -125,10 +127,12 @@ def bench(
     """
     from .flops import count_macs
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA device here")
-    if (cuda_graphs or compile) and not device.startswith("cuda"):
+    device = check_device(device)
+    cuda = device.type == "cuda"
+    if (cuda_graphs or compile) and not cuda:
         raise UsageError("CUDA graphs and torch.compile are offered with --device cuda only")
+    if compile:
+        warmup = max(warmup, 2)  # compilation must not land in the timed rounds
     dense, idle = dense.eval(), idle.eval()
     limit = limit_model(dense, idle)
     models = {"dense": dense, "idle": idle, "limit": limit}
@@ -136,9 +140,8 @@ def bench(
     report = {
         "model": config["base_model"],
         "plan": config["plan"],
-        "device": device if device.startswith("cuda") else "cpu",
-        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor()
-        or platform.machine(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
         "parameters": sum(p.numel() for p in idle.parameters()),
@@ -147,17 +150,18 @@ def bench(
         "warmup": warmup,
         "results": [],
     }
-    if onnx and device.startswith("cuda"):
+    if onnx and cuda:
         onnx = False
         report["onnxruntime_skipped"] = "onnxruntime runs on CPU here; pass --device cpu to time it"
     size = tuple(config["input"]["input_size"])
     total = repeats * len(batch_sizes) * (2 if onnx else 1)
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, desc="bench", unit="round", disable=not progress, leave=False) as bar:
+    with tqdm(total=total, desc="bench", unit="round", disable=not progress, leave=False) as bar, \
+            torch.cuda.device(device) if cuda else contextlib.nullcontext():
         on_round = bar.update
         runners = torch_runners(models, device, cuda_graphs, compile)
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
         for b in batch_sizes:
             bar.set_description(f"pytorch, batch {b}")
             fns = runners(torch.randn(b, *size))
@@ -173,20 +177,36 @@ def bench(
                 sessions = onnx_sessions(models, Path(tmp), legacy)
                 for b in batch_sizes:
                     bar.set_description(f"onnxruntime, batch {b}")
-                    feed = {"pixel_values": torch.randn(b, *size).numpy()}
+                    feed = {INPUT_NAME: torch.randn(b, *size).numpy()}
                     fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
                     ms = time_interleaved(fns, repeats, iters_for(b), warmup, on_round=on_round)
                     report["results"].append(speed_row(ms, "onnxruntime", b))
     return report
 
 
-def torch_runners(models: dict[str, nn.Module], device: str, cuda_graphs: bool, compile: bool):
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device, if PyTorch can time on it here: the CPU or an existing CUDA device."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no CUDA device here")
+        if (parsed.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
+def torch_runners(models: dict[str, nn.Module], device: torch.device, cuda_graphs: bool, compile: bool):
     """For a batch x: one zero-argument callable per model that runs it on `device`."""
-    if not device.startswith("cuda"):
+    if device.type != "cuda":
         return lambda x: {k: (lambda m=m: m(x)) for k, m in models.items()}
     on_device = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
     if compile:
-        on_device = {k: torch.compile(m) for k, m in on_device.items()}
+        on_device = {k: torch.compile(m, dynamic=False) for k, m in on_device.items()}
 
     def runners(x: torch.Tensor) -> dict[str, Callable[[], object]]:
         x = x.to(device)
@@ -197,7 +217,7 @@ def torch_runners(models: dict[str, nn.Module], device: str, cuda_graphs: bool, 
     return runners
 
 
-def capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     """Record one forward on the static input `x` as a CUDA graph; the returned callable replays it."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -207,18 +227,31 @@ def capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(graph):
-        model(x)
-    return graph.replay
+        out = model(x)
+    # the graph reads x's and writes out's memory: the closure keeps both alive
+    return lambda: (graph.replay(), x, out)[2]
 
 
 def onnx_sessions(models: dict[str, nn.Module], folder: Path, legacy: bool) -> dict:
     """Export each model to `folder` (parity-checked) and open an onnxruntime session with torch's thread count."""
-    from .export import export_onnx, ort_session
-
     sessions = {}
+    size = config_of(models["idle"])["input"]["input_size"]
     for key, model in models.items():
         path = folder / f"{key}.onnx"
-        size = config_of(models["idle"])["input"]["input_size"]
         export_onnx(model, path, legacy=legacy, images=torch.randn(4, *size))
         sessions[key] = ort_session(path, threads=torch.get_num_threads())
     return sessions
+
+
+COLUMNS = {
+    "runtime": "{runtime}", "batch": "{batch_size}", "dense ms": "{dense_ms:.2f}", "idle ms": "{idle_ms:.2f}",
+    "limit ms": "{limit_ms:.2f}", "dense img/s": "{dense_img_s:.1f}", "idle img/s": "{idle_img_s:.1f}",
+    "idle speedup": "{idle_speedup:.2f}x", "limit speedup": "{limit_speedup:.2f}x", "% of limit": "{pct_of_limit:.1f}%",
+}
+
+
+def markdown_table(results: list[dict], columns: dict[str, str] = COLUMNS) -> str:
+    """The result rows of a `bench` report as a Markdown table: header -> format string of a row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f.format(**row) for f in columns.values()) + " |" for row in results]
+    return "\n".join(lines)

@@ -161,4 +161,4 @@ def find_model(directory: str | os.PathLike = ".") -> tuple[Path, int]:
             f"no model folder (one with a {CONFIG}) in {directory.resolve()}: run 'vitidle convert' here first "
             "or pass the model folder"
         )
-    return max(found, key=lambda p: (p / CONFIG).stat().st_mtime_ns), len(found)
+    return max(found, key=lambda p: ((p / CONFIG).stat().st_mtime_ns, p.name)), len(found)
