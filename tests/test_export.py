@@ -334,8 +334,12 @@ def test_report_schema(exported):
     assert check_onnx(model, path).to_dict()["exporter"] is None  # a check exports nothing
 
 
-def test_photos_passed_in_are_the_ones_compared(exported):
+def test_photos_passed_in_are_the_ones_compared(exported, monkeypatch):
+    import vitidle.data
+
     model, path, _ = exported
-    photos = batch(model, 5)
-    report = check_onnx(model, path, images=photos)
+    monkeypatch.setattr(vitidle.data, "sample_images", lambda *a, **k: pytest.fail("the default photos were used"))
+    report = check_onnx(model, path, images=batch(model, 5))
     assert report.images == 5 and report.top1_agreement == 1.0
+    with pytest.raises(UsageError, match=r"the photos are \[2, 3, 48, 48\]; the model takes \(B, 3, 32, 32\)"):
+        check_onnx(model, path, images=torch.randn(2, 3, 48, 48))

@@ -210,6 +210,8 @@ def check_onnx(
     model = cpu_float32(model)
     if not isinstance(images, torch.Tensor):
         images = sample_images(_input_config(model), images)
+    if images.dim() != 4 or tuple(images.shape[1:]) != input_size(model):
+        raise UsageError(f"the photos are {list(images.shape)}; the model takes (B, {', '.join(map(str, input_size(model)))})")
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(b, *input_size(model), generator=generator) for b in PARITY_BATCH_SIZES]
     max_diff = 0.0
