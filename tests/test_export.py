@@ -132,19 +132,21 @@ def test_external_data_and_a_later_export_removes_the_stale_data_file(tmp_path, 
     assert check_onnx(model, path).max_diff <= 1e-4
 
 
-@pytest.mark.parametrize("name,num_prefix,kwargs", [
-    ("deit_tiny_patch16_224", 1, TINY["deit_tiny_patch16_224"]),
-    ("deit_small_distilled_patch16_224", 2, TINY["deit_small_distilled_patch16_224"]),
+@pytest.mark.parametrize("name,num_prefix,kwargs,legacy", [
+    ("deit_tiny_patch16_224", 1, TINY["deit_tiny_patch16_224"], True),
+    ("deit_small_distilled_patch16_224", 2, TINY["deit_small_distilled_patch16_224"], True),
     # layer scale at 1: timm's random init of 1e-5 makes the blocks, so the idling, invisible to the gate
-    ("vit_small_patch14_reg4_dinov2", 5, {**TINY["vit_small_patch14_reg4_dinov2"], "init_values": 1.0}),
-    ("vit_medium_patch16_gap_256", 0, {**TINY["vit_medium_patch16_gap_256"], "init_values": 1.0}),
-], ids=["deit", "distilled", "registers", "gap"])
-def test_converted_families_export_and_pass(tmp_path, name, num_prefix, kwargs):
+    ("vit_small_patch14_reg4_dinov2", 5, {**TINY["vit_small_patch14_reg4_dinov2"], "init_values": 1.0}, True),
+    ("vit_medium_patch16_gap_256", 0, {**TINY["vit_medium_patch16_gap_256"], "init_values": 1.0}, True),
+    # the default exporter on the mean-query score (no class token)
+    ("vit_medium_patch16_gap_256", 0, {**TINY["vit_medium_patch16_gap_256"], "init_values": 1.0}, False),
+], ids=["deit", "distilled", "registers", "gap", "gap-dynamo"])
+def test_converted_families_export_and_pass(tmp_path, name, num_prefix, kwargs, legacy):
     model = converted(name, **kwargs)
     assert model.vitidle_config["layout"]["num_prefix"] == num_prefix
     assert model.vitidle_config["plan"]["num_keep"] == [None, 8, 4, 2]
     path = tmp_path / "model.onnx"
-    report = export_onnx(model, path, legacy=True)
+    report = export_onnx(model, path, legacy=legacy)
     assert report.max_diff <= report.atol
     features = not model.num_classes
     assert report.outputs == ["features" if features else "logits"]
