@@ -157,13 +157,12 @@ def quiet() -> Iterator[None]:
 
 
 def _export(model: nn.Module, out: Path, opset: int, legacy: bool, external_data: bool) -> None:
-    param = next(model.parameters())
     # batch 2, not 1: the selector has a batch-1 shortcut, and torch.export's dynamic dims start at 2
-    x = torch.randn(2, *input_size(model), dtype=param.dtype, device=param.device)
+    x = torch.randn(2, *input_size(model))
     names = dict(input_names=[INPUT_NAME], output_names=[output_name(model)], opset_version=opset)
     try:
         if legacy:
-            axes = {name: {0: "batch"} for name in (INPUT_NAME, output_name(model))}
+            axes = {name: {0: "batch"} for name in names["input_names"] + names["output_names"]}
             torch.onnx.export(model, (x,), str(out), dynamo=False, dynamic_axes=axes, **names)
         else:
             batch = torch.export.Dim("batch")
@@ -172,7 +171,7 @@ def _export(model: nn.Module, out: Path, opset: int, legacy: bool, external_data
     except Exception as e:  # the exporters raise many types; the message is what matters
         hint = "" if legacy else "; try --legacy (the TorchScript exporter)"
         raise OnnxError(f"the {'TorchScript' if legacy else 'dynamo'} exporter failed: {type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}{hint}") from e
+                        f"{_first_line(e)}{hint}") from e
 
 
 def check_onnx(
