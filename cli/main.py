@@ -131,6 +131,13 @@ def _model_folder(model: str | None):
     return folder
 
 
+def _options_given(names: tuple[str, ...]) -> list[str]:
+    """The options among `names` that the user passed on the command line (not left at their default)."""
+    ctx = click.get_current_context()
+    return [p.opts[0] for p in ctx.command.params
+            if p.name in names and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+
+
 def _print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in rows) + 2
     for key, value in rows:
@@ -174,6 +181,9 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 
     if not to_onnx:
         raise click.UsageError("choose the format: --onnx")
+    given = _options_given(("legacy", "opset", "force"))
+    if check_only and given:
+        raise click.UsageError(f"{', '.join(given)} only apply to an export, not to --check-only")
     folder = _model_folder(model)
     target = Path(output) if output else folder / ("dense.onnx" if dense else "model.onnx")
     net = vitidle.load(folder, dense=dense)
@@ -229,9 +239,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     import vitidle
     from vitidle.bench import bench as run_bench, markdown_table
 
-    ctx = click.get_current_context()
-    given = [param.opts[0] for param in ctx.command.params if param.name in CONVERSION_PARAMS
-             and ctx.get_parameter_source(param.name) is not click.core.ParameterSource.DEFAULT]
+    given = _options_given(CONVERSION_PARAMS)
     if model_name and model:
         raise click.UsageError("pass either MODEL or --model, not both")
     if given and not model_name:

@@ -435,6 +435,8 @@ EXPORT_BAD = {
     "missing-images": (["--onnx", "--images", "nope"], 2, "--images"),
     "empty-images": (["--onnx", "--legacy", "--images", "{empty}"], 2, "no images"),
     "missing-model": (["nope", "--onnx"], 2, "does not exist"),
+    "check-only-with-export-options": (["--onnx", "--check-only", "--legacy", "--opset", "17"], 2,
+                                       "--legacy, --opset only apply to an export"),
     "not-a-model-folder": (["{empty}", "--onnx"], 1, "not a vitidle model folder"),
     "output-under-a-file": (["--onnx", "--legacy", "-o", f"{FOLDER}/model.safetensors/x.onnx"], 2, "cannot write"),
 }
