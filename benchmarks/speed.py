@@ -4,6 +4,7 @@ Prints one Markdown table over keep ratios (`vitidle bench` does one model at a 
 
     python benchmarks/speed.py                      # deit_small, keep 0.7 and 0.5, batch 1 and 16
     python benchmarks/speed.py --keep 0.7 --batch 16 --repeats 30 --no-onnx
+    python benchmarks/speed.py --device cuda --cuda-graphs --batch 1 16 256
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--no-onnx", action="store_true")
     parser.add_argument("--legacy", action="store_true", help="TorchScript exporter for onnxruntime")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for PyTorch (onnxruntime runs on CPU)")
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -34,9 +38,11 @@ def main() -> None:
     for keep in args.keep:
         idle = vitidle.convert(copy.deepcopy(dense), keep).eval()
         r = bench(dense, idle, batch_sizes=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx,
-                  legacy=args.legacy, progress=True)
+                  legacy=args.legacy, device=args.device, cuda_graphs=args.cuda_graphs, compile=args.compile,
+                  progress=True)
         rows += [{**row, "keep": keep} for row in r["results"]]
-    print(f"{args.model}, random init, fp32, {r['threads']} threads, {r['device_name']}, "
+    mode = " + CUDA graphs" * args.cuda_graphs + " + torch.compile" * args.compile
+    print(f"{args.model}, random init, fp32{mode}, {r['threads']} threads, {r['device_name']}, "
           + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", timm {timm.__version__}\n")
     columns = {k: v for k, v in COLUMNS.items() if "img/s" not in k}
     print(markdown_table(rows, {"runtime": columns.pop("runtime"), "keep": "{keep}", **columns}))

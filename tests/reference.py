@@ -17,7 +17,7 @@ def kept_positions(block, x, num_keep: int, num_prefix: int, query: str = "cls")
     """(B, P + K) sorted positions: every prefix token and the top-K image tokens by score."""
     scores = class_attention_scores(block, x, query)
     top = scores[:, num_prefix:].topk(num_keep, dim=1).indices + num_prefix
-    prefix = torch.arange(num_prefix).expand(x.shape[0], -1)
+    prefix = torch.arange(num_prefix, device=x.device).expand(x.shape[0], -1)
     return torch.cat([prefix, top], 1).sort(1).values
 
 

@@ -50,13 +50,14 @@ def test_recorded_attention_logits_are_the_full_head_mean_logits():
     assert mask.sum(1).tolist() == [1 + block.selector.num_keep] * 2 and mask[:, 0].eq(1).all()
 
 
-def test_idle_tokens_are_bit_identical_through_an_idle_layer():
+@pytest.mark.parametrize("batch", [1, 4])  # batch 1 has its own gather and merge path
+def test_idle_tokens_are_bit_identical_through_an_idle_layer(batch):
     model = converted(keep=0.3)
     block = model.blocks[1]
-    x = torch.randn(4, 17, 384)
+    x = torch.randn(batch, 17, 384)
     y = block(x)
-    idle = torch.ones(4, 17, dtype=torch.bool).scatter_(1, block.selector.kept_index, False)
-    assert idle.sum() == 4 * (16 - block.selector.num_keep)
+    idle = torch.ones(batch, 17, dtype=torch.bool).scatter_(1, block.selector.kept_index, False)
+    assert idle.sum() == batch * (16 - block.selector.num_keep)
     assert torch.equal(y[idle], x[idle])
     assert not torch.allclose(y[~idle], x[~idle])  # the kept tokens did go through the block
 

@@ -7,6 +7,7 @@ block's state-dict keys stay those of the dense model; its one knob is `num_keep
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -64,18 +65,22 @@ class TokenSelector(nn.Module):
         self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
     ) -> Tensor:
         B, N, C = x_norm.shape
-        q_weight, k_weight = q_weight[self.q_rows], k_weight[self.k_rows]
+        q_weight = q_weight[self.q_rows]
         q_bias = None if q_bias is None else q_bias[self.q_rows]
-        k_bias = None if k_bias is None else k_bias[self.k_rows]
         if self.record_attention:
-            scores = self._record(x_norm, q_weight, q_bias, k_weight, k_bias).detach()
+            k_bias = None if k_bias is None else k_bias[self.k_rows]
+            scores = self._record(x_norm, q_weight, q_bias, k_weight[self.k_rows], k_bias).detach()
         else:
+            # Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own
+            # time: hence few ops, and a batch-1 path. (scale / H) and q · b_k are the same for every key
+            # of an image, so they do not change the ranking.
             with torch.no_grad():
-                # (scale / H) and q · b_k are the same for every key of an image: no effect on the ranking.
                 query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-                u = F.linear(query, q_weight, q_bias) @ k_weight  # B, C: W_kᵀ (W_q x + b_q)
-                # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
-                scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
+                u = F.linear(query, q_weight, q_bias) @ k_weight[self.k_rows]  # B, C: W_kᵀ (W_q x + b_q)
+                if B == 1:
+                    scores = u @ x_norm[0].t()  # 1, N
+                else:  # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
+                    scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
         # prefix tokens are always kept. (A pad, not `scores[:, :P] = inf`: that exports as a dozen ONNX nodes.)
         scores = F.pad(scores[:, self.num_prefix :], (self.num_prefix, 0), value=float("inf"))
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
@@ -99,7 +104,9 @@ class TokenSelector(nn.Module):
 
 
 def gather_tokens(x: Tensor, rows: Tensor) -> Tensor:
-    """(B, N, C) tokens -> (B, P + K, C) kept tokens, for the flat row index of `TokenSelector`."""
+    """(B, N, C) tokens -> (B, P + K, C) kept tokens, for the rows `TokenSelector` returns."""
+    if _one_image(x):  # rows are positions: one op instead of three
+        return x.index_select(1, rows)
     B, N, C = x.shape
     return x.reshape(B * N, C).index_select(0, rows).view(B, -1, C)
 
@@ -110,8 +117,15 @@ def merge_tokens(x: Tensor, rows: Tensor, y: Tensor) -> Tensor:
     Idle tokens come out bit-identical; x itself is not modified (it may be held elsewhere,
     e.g. by forward_intermediates).
     """
+    if _one_image(x):
+        return x.index_copy(1, rows, y)
     B, N, C = x.shape
     return x.reshape(B * N, C).index_copy(0, rows, y.reshape(-1, C)).view(B, N, C)
+
+
+def _one_image(x: Tensor) -> bool:
+    # fx re-traces a rewritten block when it is unpickled: no branch on a traced shape
+    return not isinstance(x, fx.Proxy) and x.shape[0] == 1
 
 
 def idle_selectors(model: nn.Module) -> list[TokenSelector]:
