@@ -1,10 +1,15 @@
+import copy
+
 import pytest
 import torch
 from conftest import tiny
 from reference import class_attention_scores, kept_positions
 
 import vitidle
-from vitidle.idle import keep_mask
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vitidle.idle import IdleSequential, keep_mask
 
 
 def converted(name="deit_small_patch16_224", keep=0.5, **kw):
@@ -95,3 +100,84 @@ def test_selector_follows_the_block_mode():
     assert not model.blocks[1].selector.training
     model.train()
     assert model.blocks[1].selector.training
+
+
+class InPlaceMerges(TorchDispatchMode):
+    """Counts the merges that write into the block input (index_copy_) instead of a copy (index_copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket is torch.ops.aten.index_copy_
+        return func(*args, **(kwargs or {}))
+
+
+def chained():
+    """A converted 4-block DeiT-S (blocks 1-3 idle) and the same model with a plain nn.Sequential."""
+    model = vitidle.convert(tiny(), 0.5)
+    plain = copy.deepcopy(model)
+    plain.blocks = nn.Sequential(*plain.blocks)
+    return model, plain
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_idle_blocks_write_into_inputs_the_chain_made(batch):
+    model, plain = chained()
+    assert isinstance(model.blocks, IdleSequential)
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad(), InPlaceMerges() as merges:
+        y = model(x)
+    assert merges.count == 2  # blocks 2 and 3: their inputs come from idle blocks 1 and 2
+    with torch.no_grad():
+        assert torch.equal(y, plain(x))
+    with InPlaceMerges() as merges:  # autograd may need the inputs: copy
+        model(x).sum().backward()
+    assert merges.count == 0
+
+
+def test_the_callers_tensor_is_never_written():
+    model = vitidle.convert(tiny(), plan=[0.5] * 4)  # block 0 idle too: its input is the caller's
+    x = torch.randn(2, 17, 384)
+    kept = x.clone()
+    with torch.no_grad(), InPlaceMerges() as merges:
+        model.blocks(x)
+    assert merges.count == 3 and torch.equal(x, kept)
+
+
+# each registers a hook on `net` that passes one tensor of the idle chain (blocks 1-3) to `keep`
+HOOKS = {
+    "output of the block before": lambda net, keep: net.blocks[1].register_forward_hook(lambda m, a, y: keep(y)),
+    "input of the block": lambda net, keep: net.blocks[2].register_forward_pre_hook(lambda m, a: keep(a[0])),
+    "input, after the block": lambda net, keep: net.blocks[2].register_forward_hook(lambda m, a, y: keep(a[0])),
+    "input of its norm": lambda net, keep: net.blocks[2].norm1.register_forward_pre_hook(lambda m, a: keep(a[0])),
+    "global": lambda net, keep: nn.modules.module.register_module_forward_hook(
+        lambda m, a, y: keep(y) if m is net.blocks[1] else None),
+}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_hook_sees_tensors_as_they_were_made(hook):
+    model, plain = chained()
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    for net in (model, plain):
+        kept = []
+        handle = HOOKS[hook](net, kept.append)
+        with torch.no_grad():
+            net(x)
+        handle.remove()
+        seen.append(kept)
+    (got,), (want,) = seen
+    assert torch.equal(got, want)
+
+
+def test_forward_intermediates_are_unchanged_by_later_blocks():
+    model, plain = chained()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        _, got = model.forward_intermediates(x)
+        _, want = plain.forward_intermediates(x)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

@@ -4,20 +4,23 @@ Each pass is a function on a block's graph with one job:
     find_attention          -> the attention call and the normed input it reads
     insert_token_selection  -> x  becomes  gather_tokens(x, selector(norm(x), W_q, b_q, W_k, b_k))
     reuse_normed_tokens     -> norm(kept)  becomes  gather_tokens(norm(x), index): no second norm
-    insert_token_merge      -> y  becomes  merge_tokens(x, index, y): idle tokens copied unchanged
+    insert_token_merge      -> y  becomes  merge_tokens(x, index, y, write_into_input): idle tokens
+                               copied unchanged, into x itself where `IdleSequential` says it may
 The rewritten block is a GraphModule that holds the block's own submodules under their own
-names plus one parameter-free `selector`, so state-dict keys do not change.
+names plus one parameter-free `selector`, so state-dict keys do not change. `apply_plan` also
+makes the model's nn.Sequential of blocks an `IdleSequential` (same keys).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..idle import TokenSelector, gather_tokens, merge_tokens
+from ..idle import IdleSequential, TokenSelector, gather_tokens, merge_tokens
 from ..scoring import ParamSlice, QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
@@ -84,12 +87,17 @@ def reuse_normed_tokens(gm: fx.GraphModule, attn_input: fx.Node, index: fx.Node)
 
 
 def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
-    """Write the block's output for the kept tokens into a copy of x; idle tokens are copied as they came."""
+    """Write the block's output for the kept tokens into a copy of x; idle tokens are copied as they came.
+
+    The block gets a second argument, `write_into_input=False`: True writes into x itself.
+    """
     graph = gm.graph
+    with graph.inserting_after(x):
+        into_x = graph.placeholder("write_into_input", default_value=False)
     output = graph.output_node()
     (y,) = output.args
     with graph.inserting_before(output):
-        merged = graph.call_function(merge_tokens, (x, index, y))
+        merged = graph.call_function(merge_tokens, (x, index, y, into_x))
     output.args = (merged,)
 
 
@@ -110,6 +118,8 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "c
     if attn_input is not x:
         reuse_normed_tokens(gm, attn_input, index)
     insert_token_merge(gm, x, index)
+    # the modules that get x itself: hooks on them would see a written input (`IdleSequential`)
+    gm.input_readers = tuple(n.target for n in x.users if n.op == "call_module")
     gm.graph.lint()
     gm.recompile()
     gm.__class__.__name__ = f"Idle{type(block).__name__}"
@@ -129,7 +139,21 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.query))
+    chain_in_sequential(model, layout)
     return model
+
+
+def chain_in_sequential(model: nn.Module, layout: ViTLayout) -> None:
+    """Make the nn.Sequential that holds exactly the block chain an `IdleSequential` (same children)."""
+    names = {name.rpartition(".")[0] for name in layout.blocks}
+    if len(names) != 1:
+        return
+    (name,) = names
+    container = model.get_submodule(name)
+    if type(container) is not nn.Sequential or len(container) != len(layout.blocks):
+        return
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, IdleSequential(OrderedDict(container.named_children())))
 
 
 def num_keep_of(model: nn.Module) -> list[int | None]:
