@@ -92,6 +92,12 @@ def main() -> None:
     diff = (y.cpu() - y_cpu).abs().max().item()
     check("cuda equals cpu", diff < 1e-4, f"max diff {diff:.2e}")
 
+    plain = copy.deepcopy(idle)
+    plain.blocks = torch.nn.Sequential(*plain.blocks)  # every merge copies
+    with torch.inference_mode():
+        diff = (idle(x) - plain(x)).abs().max().item()
+    check("writing into block inputs changes nothing", diff == 0, f"max diff {diff:.2e}")
+
     if cuda:
         with torch.inference_mode():
             run = capture_cuda_graph(idle, x)

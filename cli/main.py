@@ -213,7 +213,7 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 @click.option("--batch-size", "-b", "batch_sizes", type=click.IntRange(min=1), multiple=True,
               help="Batch size to time; repeatable.  [default: 1 and 16]")
 @click.option("--repeats", type=click.IntRange(min=1), default=15, show_default=True,
-              help="Timed rounds (dense, idle, limit in turn); the median is reported.")
+              help="Timed rounds (dense, idle, limit in turn); medians are reported, of ratios within a round for speedups.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls per model first.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and onnxruntime.  [default: torch's]")
 @click.option("--no-onnx", is_flag=True, help="Time PyTorch only.")
@@ -275,7 +275,8 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
         ("GMACs", f"dense {g['dense']:.2f}, idle {g['idle']:.2f}, limit {g['limit']:.2f}"),
         ("device", f"{report['device']} ({report['device_name']}), {report['threads']} threads, "
                    + ", ".join(f"{k} {v}" for k, v in report["versions"].items())),
-        ("timing", f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls"),
+        ("timing", f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls; "
+                   "speedups and % of limit from ratios within each round"),
     ])
     if "onnxruntime_skipped" in report:
         click.echo(f"onnxruntime  skipped: {report['onnxruntime_skipped']}")

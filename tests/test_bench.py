@@ -49,21 +49,30 @@ def test_limit_of_a_keep_1_model_is_the_dense_model(pair):
         torch.testing.assert_close(limit(x), dense(x))
 
 
-def test_time_interleaved_alternates_and_takes_the_median():
+def test_time_interleaved_alternates_and_keeps_every_round():
     calls = []
-    ms = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, iters=2,
+    samples = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, iters=2,
                           warmup=1, sync=lambda: calls.append("sync"), on_round=lambda: calls.append("round"))
     # the device is waited for after the warm-up and before every clock read; one tick per round
     assert calls == ["a", "b", "sync"] + ["a", "a", "sync", "b", "b", "sync", "round"] * 3
-    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+    assert set(samples) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in samples.values())
 
 
 def test_speed_row_arithmetic():
-    row = speed_row({"dense": 40.0, "idle": 25.0, "limit": 20.0}, "pytorch", 4)
+    row = speed_row({"dense": [40.0], "idle": [25.0], "limit": [20.0]}, "pytorch", 4)
     assert set(row) == ROW_KEYS
     assert row["idle_speedup"] == 1.6 and row["limit_speedup"] == 2.0
     assert row["pct_of_limit"] == 80.0  # limit ms / idle ms
     assert row["dense_img_s"] == 100.0 and row["idle_img_s"] == 160.0
+
+
+def test_speed_row_ratios_are_taken_within_rounds():
+    # the machine slows down over three rounds; within each round idle is 1.25x the limit but once
+    row = speed_row({"dense": [40.0, 80.0, 120.0], "idle": [25.0, 52.0, 75.0], "limit": [20.0, 40.0, 60.0]},
+                    "pytorch", 1)
+    assert row["idle_ms"] == 52.0 and row["limit_ms"] == 40.0  # medians over rounds
+    assert row["pct_of_limit"] == 80.0  # not 40 / 52 = 76.9%, the ratio of the medians
+    assert row["limit_speedup"] == 2.0 and row["idle_speedup"] == 1.6
     assert iters_for(1) == 16 and iters_for(16) == 1 and iters_for(64) == 1
 
 
@@ -171,7 +180,7 @@ def test_bench_refuses_conversion_options_for_a_model_folder(capsys, tmp_path, m
 
 
 def test_markdown_table_formats_every_row():
-    row = speed_row({"dense": 40.0, "idle": 25.0, "limit": 20.0}, "onnxruntime", 4)
+    row = speed_row({"dense": [40.0], "idle": [25.0], "limit": [20.0]}, "onnxruntime", 4)
     lines = markdown_table([row, {**row, "runtime": "pytorch"}]).splitlines()
     assert lines[0].startswith("| runtime | batch | dense ms") and lines[1].count("---") == 10
     assert lines[2] == "| onnxruntime | 4 | 40.00 | 25.00 | 20.00 | 100.0 | 160.0 | 1.60x | 2.00x | 80.0% |"

@@ -58,9 +58,10 @@ def time_interleaved(
     warmup: int = 3,
     sync: Callable[[], None] = lambda: None,
     on_round: Callable[[], None] = lambda: None,
-) -> dict[str, float]:
-    """Median ms per call of each function, timed in turns so that drift hits all of them alike.
+) -> dict[str, list[float]]:
+    """ms per call of each function in each of `repeats` rounds; one round times each in turn.
 
+    Timed in turns, drift hits all of them alike, and ratios within a round cancel it.
     `sync` waits for queued device work (torch.cuda.synchronize) before the clock is read.
     """
     for fn in fns.values():
@@ -76,19 +77,28 @@ def time_interleaved(
             sync()
             samples[key].append((time.perf_counter() - start) * 1e3 / iters)
         on_round()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return samples
 
 
-def speed_row(ms: dict[str, float], runtime: str, batch_size: int) -> dict:
-    """One result row: ms and images/s of dense, idle and limit, speedups, and % of the limit's speedup."""
+def speed_row(samples: dict[str, list[float]], runtime: str, batch_size: int) -> dict:
+    """One result row: median ms and images/s of dense, idle and limit, speedups, and % of the limit's speedup.
+
+    Speedups and % of the limit are medians of the ratios within each round (`time_interleaved`),
+    which drift between rounds does not move; ms are medians over rounds.
+    """
+    ms = {k: statistics.median(v) for k, v in samples.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+
     return {
         "runtime": runtime,
         "batch_size": batch_size,
         **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
         **{f"{k}_img_s": round(1e3 * batch_size / v, 2) for k, v in ms.items()},
-        "idle_speedup": round(ms["dense"] / ms["idle"], 4),
-        "limit_speedup": round(ms["dense"] / ms["limit"], 4),
-        "pct_of_limit": round(100 * ms["limit"] / ms["idle"], 2),
+        "idle_speedup": round(ratio("dense", "idle"), 4),
+        "limit_speedup": round(ratio("dense", "limit"), 4),
+        "pct_of_limit": round(100 * ratio("limit", "idle"), 2),
     }
 
 
@@ -166,8 +176,8 @@ def bench(
             bar.set_description(f"pytorch, batch {b}")
             fns = runners(torch.randn(b, *size))
             with torch.inference_mode():
-                ms = time_interleaved(fns, repeats, iters_for(b), warmup, sync, on_round)
-            report["results"].append(speed_row(ms, "pytorch", b))
+                samples = time_interleaved(fns, repeats, iters_for(b), warmup, sync, on_round)
+            report["results"].append(speed_row(samples, "pytorch", b))
         if onnx:
             import onnxruntime
 
@@ -179,8 +189,8 @@ def bench(
                     bar.set_description(f"onnxruntime, batch {b}")
                     feed = {INPUT_NAME: torch.randn(b, *size).numpy()}
                     fns = {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}
-                    ms = time_interleaved(fns, repeats, iters_for(b), warmup, on_round=on_round)
-                    report["results"].append(speed_row(ms, "onnxruntime", b))
+                    samples = time_interleaved(fns, repeats, iters_for(b), warmup, on_round=on_round)
+                    report["results"].append(speed_row(samples, "onnxruntime", b))
     return report
 
 

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
+SELECTOR = "selector"  # a rewritten block's TokenSelector, by name
+
 
 class TokenSelector(nn.Module):
     """Choose the tokens an idle layer runs on: every prefix token and the top-`num_keep` image tokens.
@@ -148,7 +150,7 @@ class IdleSequential(nn.Sequential):
         reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or isinstance(x, fx.Proxy) or _global_hooks())
         made_by = None  # the idle block that made x in this loop
         for block in self:
-            idle = isinstance(block._modules.get("selector"), TokenSelector)
+            idle = isinstance(block._modules.get(SELECTOR), TokenSelector)
             x = block(x, True) if reuse and idle and made_by is not None and not _observed(made_by, block) else block(x)
             made_by = block if idle else None
         return x

@@ -16,8 +16,9 @@ from torch import nn
 
 from .engine.discover import evaluating, sample_input
 from .engine.plan import IdlePlan
-from .engine.rewrite import SELECTOR, config_of, num_keep_of
+from .engine.rewrite import config_of, num_keep_of
 from .errors import CheckpointError, UsageError
+from .idle import SELECTOR
 
 WEIGHTS = "model.safetensors"
 CONFIG = "vitidle.json"

@@ -20,12 +20,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..idle import IdleSequential, TokenSelector, gather_tokens, merge_tokens
+from ..idle import SELECTOR, IdleSequential, TokenSelector, gather_tokens, merge_tokens
 from ..scoring import ParamSlice, QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
 
-SELECTOR = "selector"
 PER_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
