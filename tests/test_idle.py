@@ -130,6 +130,9 @@ def test_idle_blocks_write_into_inputs_the_chain_made(batch):
     with torch.no_grad(), InPlaceMerges() as merges:
         y = model(x)
     assert merges.count == 2  # blocks 2 and 3: their inputs come from idle blocks 1 and 2
+    with torch.no_grad(), InPlaceMerges() as merges:
+        copy.deepcopy(model)(x)
+    assert merges.count == 2  # a copy of the model keeps what it needs
     with torch.no_grad():
         assert torch.equal(y, plain(x))
     with InPlaceMerges() as merges:  # autograd may need the inputs: copy
@@ -181,3 +184,11 @@ def test_forward_intermediates_are_unchanged_by_later_blocks():
         _, want = plain.forward_intermediates(x)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_compiles_into_one_graph():
+    model, plain = chained()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # dynamo only: no C++ compiler needed
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), plain(x))

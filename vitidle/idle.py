@@ -141,13 +141,15 @@ class IdleSequential(nn.Sequential):
 
     That saves the merge's copy of all N tokens, about 0.5% of DeiT-S at batch 1 on CPU. It
     happens only where nothing else can hold the input: the idle block before made it, in this
-    loop; no gradient is recorded and no tracer runs; no hook is set that would see it
+    loop; no gradient is recorded and no tracer or compiler runs; no hook is set that would see it
     (`_observed`). A caller's tensor is never written, and blocks called one by one
     (forward_intermediates, checkpoint_seq) copy as before.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or isinstance(x, fx.Proxy) or _global_hooks())
+        # torch.compile plans its own buffers, and cannot trace `_observed`
+        reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                     or isinstance(x, fx.Proxy) or _global_hooks())
         made_by = None  # the idle block that made x in this loop
         for block in self:
             idle = isinstance(block._modules.get(SELECTOR), TokenSelector)
@@ -158,7 +160,8 @@ class IdleSequential(nn.Sequential):
 
 def _observed(made_by: nn.Module, block: nn.Module) -> bool:
     """Whether a hook sees the tensor between the block that made it and the block that reads it."""
-    readers = [block] + [block.get_submodule(name) for name in block.input_readers]
+    x = next(iter(block.graph.nodes))  # the input's placeholder in the rewritten block
+    readers = [block] + [block.get_submodule(n.target) for n in x.users if n.op == "call_module"]
     return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in readers)
 
 

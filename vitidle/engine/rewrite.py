@@ -117,8 +117,6 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "c
     if attn_input is not x:
         reuse_normed_tokens(gm, attn_input, index)
     insert_token_merge(gm, x, index)
-    # the modules that get x itself: hooks on them would see a written input (`IdleSequential`)
-    gm.input_readers = tuple(n.target for n in x.users if n.op == "call_module")
     gm.graph.lint()
     gm.recompile()
     gm.__class__.__name__ = f"Idle{type(block).__name__}"
