@@ -277,9 +277,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
                    + ", ".join(f"{k} {v}" for k, v in report["versions"].items())),
         ("timing", f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls; "
                    "speedups and % of limit from ratios within each round"),
-    ])
-    if "onnxruntime_skipped" in report:
-        click.echo(f"onnxruntime  skipped: {report['onnxruntime_skipped']}")
+    ] + ([("onnxruntime", f"skipped: {report['onnxruntime_skipped']}")] if "onnxruntime_skipped" in report else []))
     click.echo("")
     click.echo(markdown_table(report["results"]))
 

@@ -4,11 +4,10 @@ import pytest
 import torch
 from conftest import tiny
 from reference import class_attention_scores, kept_positions
-
-import vitidle
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import vitidle
 from vitidle.idle import IdleSequential, keep_mask
 
 
