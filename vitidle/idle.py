@@ -2,6 +2,8 @@
 
 `TokenSelector` is the only module the rewrite adds to a block. It has no parameters, so the
 block's state-dict keys stay those of the dense model; its one knob is `num_keep`.
+`IdleSequential` runs the chain of blocks and lets an idle block skip the merge's copy where that
+is safe.
 """
 
 from __future__ import annotations
