@@ -175,6 +175,38 @@ def test_a_hook_sees_tensors_as_they_were_made(hook):
     assert torch.equal(got, want)
 
 
+class KeepInput(nn.Module):
+    """A module that keeps the tensor it is given, as a user's feature probe might."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.kept = inner, None
+
+    def forward(self, x):
+        self.kept = x
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("change", ["norm swapped for a module", "forward patched"])
+def test_a_changed_block_sees_tensors_as_they_were_made(change):
+    model, plain = chained()
+    x = torch.randn(2, 3, 64, 64)
+    kept = []
+    for net in (model, plain):
+        block = net.blocks[2]
+        if change == "norm swapped for a module":
+            block.norm1 = KeepInput(block.norm1)
+            run = lambda: block.norm1.kept  # noqa: E731
+        else:
+            inputs, forward = [], block.forward
+            block.forward = lambda t: (inputs.append(t), forward(t))[1]
+            run = lambda inputs=inputs: inputs[0]  # noqa: E731
+        with torch.no_grad():
+            net(x)
+        kept.append(run())
+    assert torch.equal(*kept)
+
+
 def test_forward_intermediates_are_unchanged_by_later_blocks():
     model, plain = chained()
     x = torch.randn(2, 3, 64, 64)

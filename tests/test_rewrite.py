@@ -97,6 +97,8 @@ def test_idle_block_refuses_an_attention_mask(deit):
     model = vitidle.convert(deit, keep=0.5)
     with pytest.raises(TypeError):
         model.blocks[1](torch.randn(1, 17, 384), attn_mask=torch.zeros(17, 17))
+    with pytest.raises(TypeError, match="no attention mask"):  # by position: not the write_into_input flag
+        model.blocks[1](torch.randn(1, 17, 384), torch.zeros(17, 17, dtype=torch.bool))
 
 
 def test_fewer_tokens_than_the_plan_keeps(deit):

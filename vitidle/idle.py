@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 SELECTOR = "selector"  # a rewritten block's TokenSelector, by name
+PER_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 class TokenSelector(nn.Module):
@@ -123,7 +124,10 @@ def merge_tokens(x: Tensor, rows: Tensor, y: Tensor, into_x: bool = False) -> Te
     elsewhere, e.g. by forward_intermediates), unless `into_x`, which `IdleSequential` passes only
     where nothing else can hold x.
     """
-    in_place = into_x is True  # not a placeholder that fx traces when it unpickles a block
+    if not isinstance(into_x, (bool, fx.Proxy)):  # (a Proxy when fx re-traces a block it unpickles)
+        raise TypeError(f"an idle block takes one tensor, not a second positional {type(into_x).__name__}: "
+                        "it supports no attention mask")
+    in_place = into_x is True
     if _one_image(x):
         return x.index_copy_(1, rows, y) if in_place else x.index_copy(1, rows, y)
     B, N, C = x.shape
@@ -143,8 +147,8 @@ class IdleSequential(nn.Sequential):
 
     That saves the merge's copy of all N tokens, about 0.5% of DeiT-S at batch 1 on CPU. It
     happens only where nothing else can hold the input: the idle block before made it, in this
-    loop; no gradient is recorded and no tracer or compiler runs; no hook is set that would see it
-    (`_observed`). A caller's tensor is never written, and blocks called one by one
+    loop; no gradient is recorded and no tracer or compiler runs; no hook, patched forward or
+    unknown module would see it (`_observed`). A caller's tensor is never written, and blocks called one by one
     (forward_intermediates, checkpoint_seq) copy as before.
     """
 
@@ -161,10 +165,14 @@ class IdleSequential(nn.Sequential):
 
 
 def _observed(made_by: nn.Module, block: nn.Module) -> bool:
-    """Whether a hook sees the tensor between the block that made it and the block that reads it."""
+    """Whether anything besides the two blocks' graphs may see the tensor one makes and the other reads."""
+    if "forward" in made_by.__dict__ or "forward" in block.__dict__:  # a patched forward may keep it
+        return True
     x = next(iter(block.graph.nodes))  # the input's placeholder in the rewritten block
-    readers = [block] + [block.get_submodule(n.target) for n in x.users if n.op == "call_module"]
-    return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in readers)
+    readers = [block.get_submodule(n.target) for n in x.users if n.op == "call_module"]
+    if not all(isinstance(m, (*PER_TOKEN_NORMS, TokenSelector)) for m in readers):  # another module may keep it
+        return True
+    return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in [block, *readers])
 
 
 def _global_hooks() -> bool:

@@ -20,13 +20,10 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..idle import SELECTOR, IdleSequential, TokenSelector, gather_tokens, merge_tokens
+from ..idle import PER_TOKEN_NORMS, SELECTOR, IdleSequential, TokenSelector, gather_tokens, merge_tokens
 from ..scoring import ParamSlice, QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
-
-PER_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
-
 
 def find_attention(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node]:
     """Return (x, attention call, its input): the input is x itself or a module applied to x (the norm)."""
