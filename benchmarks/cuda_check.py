@@ -57,7 +57,8 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    print(f"{torch.cuda.get_device_name(dev) if cuda else 'cpu (a dry run)'}, torch {torch.__version__}, timm {timm.__version__}", flush=True)
+    name = torch.cuda.get_device_name(dev) if cuda else "cpu (a dry run)"
+    print(f"{name}, torch {torch.__version__}, timm {timm.__version__}", flush=True)
 
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()

@@ -213,7 +213,7 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 @click.option("--batch-size", "-b", "batch_sizes", type=click.IntRange(min=1), multiple=True,
               help="Batch size to time; repeatable.  [default: 1 and 16]")
 @click.option("--repeats", type=click.IntRange(min=1), default=15, show_default=True,
-              help="Timed rounds (dense, idle, limit in turn); medians are reported, of ratios within a round for speedups.")
+              help="Timed rounds (dense, idle, limit in turn): median ms, and median ratios within a round.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed calls per model first.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for PyTorch and onnxruntime.  [default: torch's]")
 @click.option("--no-onnx", is_flag=True, help="Time PyTorch only.")

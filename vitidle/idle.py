@@ -148,8 +148,8 @@ class IdleSequential(nn.Sequential):
     That saves the merge's copy of all N tokens, about 0.5% of DeiT-S at batch 1 on CPU. It
     happens only where nothing else can hold the input: the idle block before made it, in this
     loop; no gradient is recorded and no tracer or compiler runs; no hook, patched forward or
-    unknown module would see it (`_observed`). A caller's tensor is never written, and blocks called one by one
-    (forward_intermediates, checkpoint_seq) copy as before.
+    unknown module would see it (`_observed`). A caller's tensor is never written, and blocks
+    called one by one (forward_intermediates, checkpoint_seq) copy as before.
     """
 
     def forward(self, x: Tensor) -> Tensor:
