@@ -80,18 +80,70 @@ def test_selector_adds_no_state():
 
 
 
-def test_selection_follows_in_place_weight_updates():
-    model = converted(keep=0.5)
+def _new_keys_in_place(model):
+    model.blocks[2].attn.qkv.weight[384:768].normal_()  # as an optimizer step updates
+
+
+def _new_query_bias_by_load_state_dict(model):
+    state = model.state_dict()
+    state["blocks.2.attn.qkv.bias"] = torch.randn(3 * 384)
+    model.load_state_dict(state)
+
+
+def _new_weight_storage(model):
+    model.blocks[2].attn.qkv.weight.data = torch.randn(3 * 384, 384) * 0.05
+
+
+def _float64(model):
+    model.double()
+
+
+@pytest.mark.parametrize("change", [_new_keys_in_place, _new_query_bias_by_load_state_dict, _new_weight_storage,
+                                    _float64])
+@pytest.mark.parametrize("mode", ["eval", "train"])  # eval reads a cached product of the weights
+def test_selection_follows_weight_updates(change, mode):
+    model = converted(keep=0.5).train(mode == "train")
     block = model.blocks[2]
-    x = torch.randn(2, 17, 384)
-    block(x)
+    block(torch.randn(2, 17, 384))
     with torch.no_grad():
-        block.attn.qkv.weight[384:768].normal_()  # new keys, in place, as an optimizer step updates
+        change(model)
+    x = torch.randn(2, 17, 384, dtype=block.attn.qkv.weight.dtype)
     block(x)
-    dense = tiny()
+    dense = tiny().to(x.dtype)
     dense.load_state_dict(model.state_dict())
     want = kept_positions(dense.blocks[2], x, block.selector.num_keep, 1)
     assert torch.equal(block.selector.kept_index.sort(1).values, want)
+
+
+class Products(TorchDispatchMode):
+    """Records the matrix products whose operands are both C×C: the scorer's product of weights."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.count = dim, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        square = [a for a in args if isinstance(a, torch.Tensor) and a.shape == (self.dim, self.dim)]
+        self.count += func.overloadpacket is torch.ops.aten.mm and len(square) == 2
+        return func(*args, **(kwargs or {}))
+
+
+def test_eval_scorer_forms_the_weight_product_once():
+    model = converted()
+    x = torch.randn(1, 3, 64, 64)
+    with Products(384) as first:
+        model(x)
+    with Products(384) as again:
+        model(x)
+    assert (first.count, again.count) == (3, 0)
+    clone = copy.deepcopy(model)  # a copy does not carry the cache: it forms its own
+    assert clone.blocks[1].selector._product_cache is None
+    with Products(384) as copied:
+        assert torch.equal(clone(x), model(x))
+    assert copied.count == 3
+    with Products(384) as training:
+        model.train()(x)
+    assert training.count == 0  # training reads W_q and W_k, whose product changes at every step
 
 
 def test_selector_follows_the_block_mode():

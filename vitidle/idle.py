@@ -63,6 +63,8 @@ class TokenSelector(nn.Module):
         self.record_attention = False
         self.attention_logits: Tensor | None = None
         self.kept_index: Tensor | None = None
+        self._product_cache: tuple | None = None
+        self._prefix_cache: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"num_keep={self.num_keep}, num_prefix={self.num_prefix}, query={self.query!r}"
@@ -71,24 +73,24 @@ class TokenSelector(nn.Module):
         self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
     ) -> Tensor:
         B, N, C = x_norm.shape
-        q_weight = q_weight[self.q_rows]
-        q_bias = None if q_bias is None else q_bias[self.q_rows]
+        # the eval path caches what depends on the weights only; training and tracers recompute it
+        cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
         if self.record_attention:
-            k_bias = None if k_bias is None else k_bias[self.k_rows]
-            scores = self._record(x_norm, q_weight, q_bias, k_weight[self.k_rows], k_bias).detach()
+            logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
+                                  _rows(k_bias, self.k_rows))
+            scores = logits.detach() + prefix
         else:
             # Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own
             # time: hence few ops, and a batch-1 path. (scale / H) and q · b_k are the same for every key
             # of an image, so they do not change the ranking.
             with torch.no_grad():
                 query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-                u = F.linear(query, q_weight, q_bias) @ k_weight[self.k_rows]  # B, C: W_kᵀ (W_q x + b_q)
+                u = self._query_to_key(query, q_weight, q_bias, k_weight, cached)  # B, C: W_kᵀ (W_q x + b_q)
                 if B == 1:
-                    scores = u @ x_norm[0].t()  # 1, N
+                    scores = torch.addmm(prefix, u, x_norm[0].t())  # 1, N
                 else:  # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
-                    scores = torch.bmm(u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
-        # prefix tokens are always kept. (A pad, not `scores[:, :P] = inf`: that exports as a dozen ONNX nodes.)
-        scores = F.pad(scores[:, self.num_prefix :], (self.num_prefix, 0), value=float("inf"))
+                    scores = torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
         index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
         self.kept_index = index
@@ -100,6 +102,45 @@ class TokenSelector(nn.Module):
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
+    def _prefix_bias(self, x_norm: Tensor, cached: bool) -> Tensor:
+        """(N,) scores to add: +inf at the prefix tokens, 0 at image tokens."""
+        N, bias = x_norm.shape[1], self._prefix_cache
+        if not cached or bias is None or bias.shape[0] != N or bias.dtype != x_norm.dtype or bias.device != x_norm.device:
+            # a pad, not `bias[:P] = inf`: that exports as a dozen ONNX nodes (and onnxruntime folds this one)
+            bias = F.pad(x_norm.new_zeros(N - self.num_prefix), (self.num_prefix, 0), value=float("inf"))
+            self._prefix_cache = bias if cached else None
+        return bias
+
+    def _query_to_key(self, query: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
+                      cached: bool) -> Tensor:
+        """W_kᵀ (W_q x + b_q) for each query x (B, C), from the weights passed to `forward`.
+
+        In eval mode it reads one cached C×C product W_qᵀ W_k instead of W_q and W_k, which halves
+        the scorer's weight traffic. An ONNX export computes the product in the graph, from the
+        weights, and onnxruntime folds it into a constant when it loads the model.
+        """
+        if cached:
+            return _times(query, *self._cached_product(q_weight, q_bias, k_weight))
+        q_weight, q_bias, k_weight = q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows]
+        if torch.onnx.is_in_onnx_export():
+            return _times(query, *_product(q_weight, q_bias, k_weight))
+        return F.linear(query, q_weight, q_bias) @ k_weight  # training: the weights change at every step
+
+    def _cached_product(self, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> tuple[Tensor, Tensor | None]:
+        # Valid while the weights keep their storage and version: in-place updates (optimizer steps,
+        # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
+        # holds views of the weights it was made from, so their storage cannot be freed and reused.
+        weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
+        cache = self._product_cache
+        if cache is None or not all(w.data_ptr() == c.data_ptr() and w._version == v
+                                    for w, (c, v) in zip(weights, cache[0])):
+            product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
+            cache = self._product_cache = ([(w.detach(), w._version) for w in weights], product)
+        return cache[1]
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_product_cache": None, "_prefix_cache": None}  # rebuilt when needed
+
     def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
                 k_bias: Tensor | None) -> Tensor:
         q = F.linear(x_norm, q_weight, q_bias)  # B, N, A
@@ -107,6 +148,21 @@ class TokenSelector(nn.Module):
         # mean over heads of scale * q_h · k_h == (scale / H) * q · k over all heads' dims
         self.attention_logits = (q @ k.transpose(1, 2)) * (self.scale / self.num_heads)  # B, N, N
         return self.attention_logits[:, 0] if self.query == "cls" else self.attention_logits.mean(1)
+
+
+def _rows(bias: Tensor | None, rows: slice) -> Tensor | None:
+    return None if bias is None else bias[rows]
+
+
+def _product(q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(W_qᵀ W_k, b_qᵀ W_k), for `_times`."""
+    # (W_kᵀ W_q)ᵀ: at batch 1 on CPU, x @ M streams a cold M ~1.4x faster than F.linear(x, Mᵀ) does
+    return q_weight.t() @ k_weight, None if q_bias is None else q_bias @ k_weight
+
+
+def _times(query: Tensor, product: Tensor, bias: Tensor | None) -> Tensor:
+    """query (B, C) @ product + bias."""
+    return query @ product if bias is None else torch.addmm(bias, query, product)
 
 
 def gather_tokens(x: Tensor, rows: Tensor) -> Tensor:
