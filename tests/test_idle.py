@@ -115,6 +115,22 @@ def test_selection_follows_weight_updates(change, mode):
     assert torch.equal(block.selector.kept_index.sort(1).values, want)
 
 
+def test_weights_made_under_inference_mode_are_scored_without_a_cache():
+    x = torch.randn(2, 17, 384)
+    with torch.inference_mode():  # inference tensors have no version counter to see in-place updates by
+        model = converted()
+        block = model.blocks[2]
+        block(x)
+        model.blocks[2].attn.qkv.weight[384:768].normal_()
+        block(x)
+    assert block.selector._product_cache is None
+    dense = tiny()
+    with torch.no_grad():
+        dense.load_state_dict(model.state_dict())
+        want = kept_positions(dense.blocks[2], x, block.selector.num_keep, 1)
+    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+
+
 class Products(TorchDispatchMode):
     """Records the matrix products whose operands are both C×C: the scorer's product of weights."""
 

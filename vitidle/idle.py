@@ -119,18 +119,22 @@ class TokenSelector(nn.Module):
         the scorer's weight traffic. An ONNX export computes the product in the graph, from the
         weights, and onnxruntime folds it into a constant when it loads the model.
         """
-        if cached:
-            return _times(query, *self._cached_product(q_weight, q_bias, k_weight))
+        product = self._cached_product(q_weight, q_bias, k_weight) if cached else None
+        if product is not None:
+            return _times(query, *product)
         q_weight, q_bias, k_weight = q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows]
         if torch.onnx.is_in_onnx_export():
             return _times(query, *_product(q_weight, q_bias, k_weight))
         return F.linear(query, q_weight, q_bias) @ k_weight  # training: the weights change at every step
 
-    def _cached_product(self, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _cached_product(self, q_weight: Tensor, q_bias: Tensor | None,
+                        k_weight: Tensor) -> tuple[Tensor, Tensor | None] | None:
         # Valid while the weights keep their storage and version: in-place updates (optimizer steps,
         # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
         # holds views of the weights it was made from, so their storage cannot be freed and reused.
         weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
+        if any(w.is_inference() for w in weights):
+            return None  # weights made under torch.inference_mode keep no version: a change would go unseen
         cache = self._product_cache
         if cache is None or not all(w.data_ptr() == c.data_ptr() and w._version == v
                                     for w, (c, v) in zip(weights, cache[0])):
