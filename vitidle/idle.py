@@ -73,7 +73,7 @@ class TokenSelector(nn.Module):
         self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
     ) -> Tensor:
         B, N, C = x_norm.shape
-        # the eval path caches what depends on the weights only; training and tracers recompute it
+        # eval mode caches what does not change from image to image; training and tracers recompute it
         cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
         prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
         if self.record_attention:
@@ -105,7 +105,7 @@ class TokenSelector(nn.Module):
     def _prefix_bias(self, x_norm: Tensor, cached: bool) -> Tensor:
         """(N,) scores to add: +inf at the prefix tokens, 0 at image tokens."""
         N, bias = x_norm.shape[1], self._prefix_cache
-        if not cached or bias is None or bias.shape[0] != N or bias.dtype != x_norm.dtype or bias.device != x_norm.device:
+        if not cached or bias is None or (bias.shape[0], bias.dtype, bias.device) != (N, x_norm.dtype, x_norm.device):
             # a pad, not `bias[:P] = inf`: that exports as a dozen ONNX nodes (and onnxruntime folds this one)
             bias = F.pad(x_norm.new_zeros(N - self.num_prefix), (self.num_prefix, 0), value=float("inf"))
             self._prefix_cache = bias if cached else None
