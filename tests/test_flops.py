@@ -17,12 +17,15 @@ def block_macs(n: int, dim: int) -> int:
 
 def vit_macs(tokens: list[int], dim: int, num_patches: int, patch: int, num_classes: int,
              idle_tokens: int | None = None) -> int:
-    """Blocks at the given token counts + patch embedding + head, + scoring per idle block (2C² + N·C)."""
+    """Blocks at the given token counts + patch embedding + head, + scoring per idle block (C² + N·C).
+
+    In eval mode the scorer reads one cached product W_qᵀ W_k (C² per image), then scores N tokens.
+    """
     total = sum(block_macs(n, dim) for n in tokens)
     total += num_patches * (3 * patch * patch) * dim + dim * num_classes
     if idle_tokens is not None:
         num_idle = sum(n != idle_tokens for n in tokens)
-        total += num_idle * (2 * dim**2 + idle_tokens * dim)
+        total += num_idle * (dim**2 + idle_tokens * dim)
     return total
 
 

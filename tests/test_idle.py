@@ -79,7 +79,6 @@ def test_selector_adds_no_state():
     assert list(model.blocks[1].selector.state_dict()) == []
 
 
-
 def _new_keys_in_place(model):
     model.blocks[2].attn.qkv.weight[384:768].normal_()  # as an optimizer step updates
 
@@ -117,11 +116,11 @@ def test_selection_follows_weight_updates(change, mode):
 
 def test_weights_made_under_inference_mode_are_scored_without_a_cache():
     x = torch.randn(2, 17, 384)
-    with torch.inference_mode():  # inference tensors have no version counter to see in-place updates by
+    with torch.inference_mode():  # inference tensors keep no version counter: in-place updates go unseen
         model = converted()
         block = model.blocks[2]
         block(x)
-        model.blocks[2].attn.qkv.weight[384:768].normal_()
+        model.blocks[2].attn.qkv.weight[384:768].normal_()  # so the scorer must not cache
         block(x)
     assert block.selector._product_cache is None
     dense = tiny()
