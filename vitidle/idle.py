@@ -27,6 +27,9 @@ class TokenSelector(nn.Module):
     tokens, (B * (P + K),), for `gather_tokens` and `merge_tokens`. Their order within an image is
     arbitrary: a block without positional terms is permutation-equivariant, and the merge restores it.
 
+    In eval mode it keeps one C×C product of the weights (W_qᵀ W_k), not part of the state dict,
+    and forms it again when the weights change.
+
     After each forward `kept_index` (B, P + K) holds the kept positions. With
     `record_attention = True` (for the token cut loss) it also keeps, differentiably,
     `attention_logits` (B, N, N: head-mean pre-softmax logits of all tokens), at the cost of
