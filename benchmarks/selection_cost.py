@@ -70,7 +70,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     dense = timm.create_model(args.model, pretrained=False).eval()
-    idle = vitidle.convert(copy.deepcopy(dense), args.keep).eval()
+    idle = vitidle.freeze(vitidle.convert(copy.deepcopy(dense), args.keep).eval())
     x = torch.randn(args.batch, *idle.vitidle_config["input"]["input_size"])
     models = {"idle": idle, "fixed rows": with_fixed_rows(idle, x), "limit": limit_model(dense, idle)}
     assert torch.equal(models["fixed rows"](x), idle(x)), "fixed rows must compute what idle computes"

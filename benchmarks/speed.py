@@ -30,18 +30,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for PyTorch (onnxruntime runs on CPU)")
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-freeze", action="store_true", help="time the idle model without vitidle.freeze")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     dense = timm.create_model(args.model, pretrained=False).eval()
     rows = []
     for keep in args.keep:
-        idle = vitidle.convert(copy.deepcopy(dense), keep).eval()
+        idle = vitidle.freeze(vitidle.convert(copy.deepcopy(dense), keep).eval(), not args.no_freeze)
         r = bench(dense, idle, batch_sizes=tuple(args.batch), repeats=args.repeats, onnx=not args.no_onnx,
                   legacy=args.legacy, device=args.device, cuda_graphs=args.cuda_graphs, compile=args.compile,
                   progress=True)
         rows += [{**row, "keep": keep} for row in r["results"]]
-    mode = " + CUDA graphs" * args.cuda_graphs + " + torch.compile" * args.compile
+    mode = ", idle frozen" * (not args.no_freeze) + " + CUDA graphs" * args.cuda_graphs + " + torch.compile" * args.compile
     print(f"{args.model}, random init, fp32{mode}, {r['threads']} threads, {r['device_name']}, "
           + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + f", timm {timm.__version__}\n")
     columns = {k: v for k, v in COLUMNS.items() if "img/s" not in k}

@@ -221,9 +221,12 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for PyTorch.")
 @click.option("--cuda-graphs", is_flag=True, help="With --device cuda: replay a captured CUDA graph per batch size.")
 @click.option("--compile", "use_compile", is_flag=True, help="With --device cuda: torch.compile the models.")
+@click.option("--no-freeze", is_flag=True,
+              help="Time the idle model as trained, not frozen for inference (vitidle.freeze: it reuses a product of "
+                   "the weights).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, batch_sizes, repeats, warmup,
-          threads, no_onnx, legacy, device, cuda_graphs, use_compile, as_json):
+          threads, no_onnx, legacy, device, cuda_graphs, use_compile, no_freeze, as_json):
     """Time a converted model against its dense model and the limit of idling.
 
     Dense, idle and the limit (each block run on its kept token count with no selection cost) are
@@ -258,6 +261,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
         folder = _model_folder(model)
         dense, idle = vitidle.load(folder, dense=True), vitidle.load(folder)
         source = f"{folder}/"
+    vitidle.freeze(idle, not no_freeze)
     report = run_bench(dense, idle, batch_sizes=batch_sizes or (1, 16), repeats=repeats, warmup=warmup,
                        onnx=not no_onnx, legacy=legacy, device=device, cuda_graphs=cuda_graphs,
                        compile=use_compile, progress=not as_json)
@@ -272,6 +276,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
         ("model", source),
         ("plan", IdlePlan(tuple(report["plan"]["keep"])).describe(num_patches)),
         ("parameters", f"{report['parameters'] / 1e6:.2f} M"),
+        ("idle", "frozen for inference (vitidle.freeze)" if report["frozen"] else "not frozen (--no-freeze)"),
         ("GMACs", f"dense {g['dense']:.2f}, idle {g['idle']:.2f}, limit {g['limit']:.2f}"),
         ("device", f"{report['device']} ({report['device_name']}), {report['threads']} threads, "
                    + ", ".join(f"{k} {v}" for k, v in report["versions"].items())),

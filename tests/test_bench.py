@@ -17,8 +17,8 @@ ROW_KEYS = {
     "idle_speedup", "limit_speedup", "pct_of_limit",
 }
 REPORT_KEYS = {
-    "model", "plan", "device", "device_name", "threads", "versions", "parameters", "gmacs", "repeats", "warmup",
-    "results",
+    "model", "plan", "device", "device_name", "threads", "versions", "parameters", "frozen", "gmacs", "repeats",
+    "warmup", "results",
 }
 
 
@@ -121,6 +121,10 @@ def test_bench_on_the_folder_convert_wrote(capsys, tmp_path, monkeypatch):
     assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [("pytorch", 2)]
     assert report["model"] == "deit_tiny_patch16_224"
     assert report["plan"]["num_keep"] == [None, 8, 4, 2]
+    assert report["frozen"] is True  # the command times the model frozen for inference, unless --no-freeze
+    code, out, err = run(capsys, "bench", *FAST, "--no-onnx", "--json", "--no-freeze")
+    assert code == 0, err
+    assert json.loads(out)["frozen"] is False
 
 
 def test_bench_converts_on_the_fly_and_prints_a_table(capsys):

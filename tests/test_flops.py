@@ -16,16 +16,17 @@ def block_macs(n: int, dim: int) -> int:
 
 
 def vit_macs(tokens: list[int], dim: int, num_patches: int, patch: int, num_classes: int,
-             idle_tokens: int | None = None) -> int:
-    """Blocks at the given token counts + patch embedding + head, + scoring per idle block (C² + N·C).
+             idle_tokens: int | None = None, frozen: bool = False) -> int:
+    """Blocks at the given token counts + patch embedding + head, + scoring per idle block (2C² + N·C).
 
-    In eval mode the scorer reads one cached product W_qᵀ W_k (C² per image), then scores N tokens.
+    Scoring projects the class token's query (C²), maps it through W_k (C²), then scores N tokens;
+    a frozen model reads one cached product W_qᵀ W_k instead of the first two (`frozen`).
     """
     total = sum(block_macs(n, dim) for n in tokens)
     total += num_patches * (3 * patch * patch) * dim + dim * num_classes
     if idle_tokens is not None:
         num_idle = sum(n != idle_tokens for n in tokens)
-        total += num_idle * (dim**2 + idle_tokens * dim)
+        total += num_idle * ((1 if frozen else 2) * dim**2 + idle_tokens * dim)
     return total
 
 
@@ -42,15 +43,15 @@ def test_dense_deit_small_matches_the_closed_form(deit_small):
     assert got == pytest.approx(want, rel=0.01)
 
 
-def test_idle_deit_small_matches_the_closed_form(deit_small):
-    model = vitidle.convert(copy.deepcopy(deit_small), keep=0.7)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_idle_deit_small_matches_the_closed_form(deit_small, frozen):
+    model = vitidle.freeze(vitidle.convert(copy.deepcopy(deit_small), keep=0.7), frozen)
     # IdleViT plan: blocks 3-5 at 137 image tokens, 6-8 at 96, 9-11 at 67, plus the class token
     assert model.vitidle_config["plan"]["num_keep"] == [None] * 3 + [137] * 3 + [96] * 3 + [67] * 3
     tokens = [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
-    want = vit_macs(tokens, 384, 196, 16, 1000, idle_tokens=197)
+    want = vit_macs(tokens, 384, 196, 16, 1000, idle_tokens=197, frozen=frozen)
     assert round(want / 1e9, 2) == 2.88
-    got = count_macs(model)
-    assert got == pytest.approx(want, rel=0.01)
+    assert count_macs(model) == pytest.approx(want, rel=0.01)
 
 
 @pytest.mark.parametrize("keep", [None, 0.5])

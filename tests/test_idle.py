@@ -79,6 +79,20 @@ def test_selector_adds_no_state():
     assert list(model.blocks[1].selector.state_dict()) == []
 
 
+def frozen(**kw):
+    return vitidle.freeze(converted(**kw))
+
+
+def assert_kept_as_brute_force(model, block_index, x, dense=None):
+    block = model.blocks[block_index]
+    if dense is None:
+        dense = tiny().to(x.dtype)
+        dense.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = kept_positions(dense.blocks[block_index], x, block.selector.num_keep, 1)
+    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+
+
 def _new_keys_in_place(model):
     model.blocks[2].attn.qkv.weight[384:768].normal_()  # as an optimizer step updates
 
@@ -97,37 +111,62 @@ def _float64(model):
     model.double()
 
 
+def _data_edit_in_train_mode(model):
+    mode = model.training
+    model.train()  # a fused optimizer step writes without bumping versions, as a .data edit does
+    model.blocks[2].attn.qkv.weight.data[384:768].normal_()
+    model.train(mode)
+
+
 @pytest.mark.parametrize("change", [_new_keys_in_place, _new_query_bias_by_load_state_dict, _new_weight_storage,
-                                    _float64])
-@pytest.mark.parametrize("mode", ["eval", "train"])  # eval reads a cached product of the weights
+                                    _float64, _data_edit_in_train_mode])
+@pytest.mark.parametrize("mode", ["eval", "train"])  # frozen eval reads a cached product of the weights
 def test_selection_follows_weight_updates(change, mode):
-    model = converted(keep=0.5).train(mode == "train")
+    model = frozen(keep=0.5).train(mode == "train")
     block = model.blocks[2]
     block(torch.randn(2, 17, 384))
     with torch.no_grad():
         change(model)
     x = torch.randn(2, 17, 384, dtype=block.attn.qkv.weight.dtype)
     block(x)
-    dense = tiny().to(x.dtype)
-    dense.load_state_dict(model.state_dict())
-    want = kept_positions(dense.blocks[2], x, block.selector.num_keep, 1)
-    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+    assert_kept_as_brute_force(model, 2, x)
+
+
+def test_selection_follows_a_removed_bias():
+    model, x = frozen(), torch.randn(2, 17, 384)
+    with torch.no_grad():
+        model.blocks[2].attn.qkv.bias.normal_()  # a query bias that changes the ranking
+    model.blocks[2](x)
+    model.blocks[2].attn.qkv.bias = None
+    model.blocks[2](x)
+    dense = tiny()
+    dense.load_state_dict(model.state_dict(), strict=False)
+    dense.blocks[2].attn.qkv.bias = None
+    assert_kept_as_brute_force(model, 2, x, dense)
 
 
 def test_weights_made_under_inference_mode_are_scored_without_a_cache():
     x = torch.randn(2, 17, 384)
     with torch.inference_mode():  # inference tensors keep no version counter: in-place updates go unseen
-        model = converted()
-        block = model.blocks[2]
-        block(x)
+        model = frozen()
+        model.blocks[2](x)
         model.blocks[2].attn.qkv.weight[384:768].normal_()  # so the scorer must not cache
+        model.blocks[2](x)
+    assert model.blocks[2].selector._product_cache is None
+    assert_kept_as_brute_force(model, 2, x)
+
+
+def test_frozen_scorer_after_autocast_and_torch_func():
+    model, x = frozen(), torch.randn(2, 17, 384)
+    block = model.blocks[2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         block(x)
-    assert block.selector._product_cache is None
-    dense = tiny()
-    with torch.no_grad():
-        dense.load_state_dict(model.state_dict())
-        want = kept_positions(dense.blocks[2], x, block.selector.num_keep, 1)
-    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+    block(x)  # the product was formed in float32, not in the autocast dtype
+    assert_kept_as_brute_force(model, 2, x)
+    grads = torch.func.grad(lambda p: torch.func.functional_call(block, p, (x,)).sum())(dict(block.named_parameters()))
+    assert grads["attn.qkv.weight"].shape == (3 * 384, 384)
+    block(x)  # torch.func's wrapped weights were not cached
+    assert_kept_as_brute_force(model, 2, x)
 
 
 class Products(TorchDispatchMode):
@@ -143,9 +182,13 @@ class Products(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_eval_scorer_forms_the_weight_product_once():
-    model = converted()
-    x = torch.randn(1, 3, 64, 64)
+def test_frozen_scorer_forms_the_weight_product_once():
+    model, x = converted(), torch.randn(1, 3, 64, 64)
+    with Products(384) as unfrozen:
+        model(x)
+        model(x)
+    assert unfrozen.count == 0  # not frozen: W_q and W_k are read as they are
+    vitidle.freeze(model)
     with Products(384) as first:
         model(x)
     with Products(384) as again:
@@ -156,6 +199,8 @@ def test_eval_scorer_forms_the_weight_product_once():
     with Products(384) as copied:
         assert torch.equal(clone(x), model(x))
     assert copied.count == 3
+    model.float()  # .to() and friends drop the cache, and the old weights with it
+    assert model.blocks[1].selector._product_cache is None
     with Products(384) as training:
         model.train()(x)
     assert training.count == 0  # training reads W_q and W_k, whose product changes at every step

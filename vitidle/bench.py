@@ -22,6 +22,7 @@ from torch import nn
 
 from .engine.rewrite import config_of, num_keep_of
 from .errors import UsageError
+from .idle import idle_selectors
 from .export import INPUT_NAME, export_onnx, ort_session
 
 
@@ -155,6 +156,7 @@ def bench(
         "threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__},
         "parameters": sum(p.numel() for p in idle.parameters()),
+        "frozen": any(s.frozen for s in idle_selectors(idle)),
         "gmacs": {k: round(count_macs(m) / 1e9, 3) for k, m in models.items()},
         "repeats": repeats,
         "warmup": warmup,

@@ -8,6 +8,8 @@ is safe.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -27,8 +29,11 @@ class TokenSelector(nn.Module):
     tokens, (B * (P + K),), for `gather_tokens` and `merge_tokens`. Their order within an image is
     arbitrary: a block without positional terms is permutation-equivariant, and the merge restores it.
 
-    In eval mode it keeps one C×C product of the weights (W_qᵀ W_k), not part of the state dict,
-    and forms it again when the weights change.
+    With `frozen = True` (`freeze`), eval forwards read one cached C×C product of the weights
+    (W_qᵀ W_k, not in the state dict) instead of W_q and W_k. It is formed again when a weight's
+    storage or version changes, and dropped by `.train()`, `.eval()` and `.to()`. Writes that bump
+    no version are not seen while frozen: `.data` edits, fused optimizer steps within one mode, and
+    other processes' writes to shared memory.
 
     After each forward `kept_index` (B, P + K) holds the kept positions. With
     `record_attention = True` (for the token cut loss) it also keeps, differentiably,
@@ -66,6 +71,7 @@ class TokenSelector(nn.Module):
         self.record_attention = False
         self.attention_logits: Tensor | None = None
         self.kept_index: Tensor | None = None
+        self.frozen = False
         self._product_cache: tuple | None = None
         self._prefix_cache: Tensor | None = None
 
@@ -89,7 +95,8 @@ class TokenSelector(nn.Module):
             # of an image, so they do not change the ranking.
             with torch.no_grad():
                 query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-                u = self._query_to_key(query, q_weight, q_bias, k_weight, cached)  # B, C: W_kᵀ (W_q x + b_q)
+                # B, C: W_kᵀ (W_q x + b_q)
+                u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)
                 if B == 1:
                     scores = torch.addmm(prefix, u, x_norm[0].t())  # 1, N
                 else:  # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
@@ -118,9 +125,9 @@ class TokenSelector(nn.Module):
                       cached: bool) -> Tensor:
         """W_kᵀ (W_q x + b_q) for each query x (B, C), from the weights passed to `forward`.
 
-        In eval mode it reads one cached C×C product W_qᵀ W_k instead of W_q and W_k, which halves
-        the scorer's weight traffic. An ONNX export computes the product in the graph, from the
-        weights, and onnxruntime folds it into a constant when it loads the model.
+        Frozen, in eval mode, it reads one cached C×C product W_qᵀ W_k instead of W_q and W_k, which
+        halves the scorer's weight traffic. An ONNX export computes the product in the graph, from
+        the weights, and onnxruntime folds it into a constant when it loads the model.
         """
         product = self._cached_product(q_weight, q_bias, k_weight) if cached else None
         if product is not None:
@@ -136,14 +143,26 @@ class TokenSelector(nn.Module):
         # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
         # holds views of the weights it was made from, so their storage cannot be freed and reused.
         weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
-        if any(w.is_inference() for w in weights):
-            return None  # weights made under torch.inference_mode keep no version: a change would go unseen
+        # inference tensors keep no version; torch.func's wrapped weights have no storage of their own
+        if any(w.is_inference() for w in weights) or torch._C._are_functorch_transforms_active():
+            return None
         cache = self._product_cache
-        if cache is None or not all(w.data_ptr() == c.data_ptr() and w._version == v
-                                    for w, (c, v) in zip(weights, cache[0])):
-            product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
+        if cache is None or len(cache[0]) != len(weights) or not all(
+                w.data_ptr() == c.data_ptr() and w._version == v for w, (c, v) in zip(weights, cache[0])):
+            device = q_weight.device.type
+            # in the weights' own dtype, also under autocast: a later forward may run without it
+            with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+                product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
             cache = self._product_cache = ([(w.detach(), w._version) for w in weights], product)
         return cache[1]
+
+    def train(self, mode: bool = True) -> "TokenSelector":
+        self._product_cache = None  # fused optimizer steps change weights without bumping their versions
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._product_cache = self._prefix_cache = None  # .to() / .half(): keep no old weights alive
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_product_cache": None, "_prefix_cache": None}  # rebuilt when needed
@@ -242,6 +261,25 @@ def _global_hooks() -> bool:
     # torch keeps global module hooks in private dicts: if they move, assume hooks are set
     return bool(getattr(torch_module, "_global_forward_hooks", True)
                 or getattr(torch_module, "_global_forward_pre_hooks", True))
+
+
+def freeze(model: nn.Module, frozen: bool = True) -> nn.Module:
+    """Let the model's selectors reuse a product of the weights in eval mode; returns `model`.
+
+    For inference with fixed weights, as `torch.jit.freeze` treats them: on CPU at batch 1 it saves
+    about 1 point of the 95-96% of the limit's speedup. Changes through `load_state_dict`, `.to()`,
+    in-place ops, `param.data = ...` and mode switches are seen; writes that bump no version
+    counter (`.data` edits, fused optimizer steps, other processes) are not: `freeze(model, False)`
+    before making them.
+
+    >>> import timm, vitidle
+    >>> model = vitidle.freeze(vitidle.convert(timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32), 0.5))
+    >>> [s.frozen for s in idle_selectors(model)]
+    [True, True]
+    """
+    for selector in idle_selectors(model):
+        selector.frozen, selector._product_cache = frozen, None
+    return model
 
 
 def idle_selectors(model: nn.Module) -> list[TokenSelector]:
