@@ -93,6 +93,15 @@ def main() -> None:
     diff = (y.cpu() - y_cpu).abs().max().item()
     check("cuda equals cpu", diff < 1e-4, f"max diff {diff:.2e}")
 
+    frozen = vitidle.freeze(copy.deepcopy(idle))
+    with torch.inference_mode():
+        frozen(x)  # forms the cached weight products
+        diff = (frozen(x) - y).abs().max().item()
+    same = sum(torch.equal(f.selector.kept_index.sort(1).values, b.selector.kept_index.sort(1).values)
+               for f, (_, b) in zip([f for f in frozen.blocks if hasattr(f, "selector")], layers))
+    check("frozen (cached product) keeps the same tokens", same == n and diff < 1e-4,
+          f"{same}/{n} idle layers, max diff {diff:.2e}")
+
     plain = copy.deepcopy(idle)
     plain.blocks = torch.nn.Sequential(*plain.blocks)  # every merge copies
     with torch.inference_mode():
