@@ -124,6 +124,7 @@ def bench(
 ) -> dict:
     """Time `dense`, `idle` and their limit in PyTorch eager (and onnxruntime) and report the speedups.
 
+    `idle` is timed as given; `freeze` it for inference speed (the report's `frozen` says which).
     One row per runtime and batch size (see `speed_row`). onnxruntime runs on CPU with as many
     threads as torch; its three models are exported the same way (`export.export_onnx`, parity
     gate included). On CUDA the clock waits for the device, `cuda_graphs` replays a captured
