@@ -22,8 +22,8 @@ from torch import nn
 
 from .engine.rewrite import config_of, num_keep_of
 from .errors import UsageError
-from .idle import idle_selectors
 from .export import INPUT_NAME, export_onnx, ort_session
+from .idle import idle_selectors
 
 
 class KeepFirst(nn.Module):

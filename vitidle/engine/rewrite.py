@@ -25,6 +25,7 @@ from ..scoring import ParamSlice, QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
 
+
 def find_attention(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node]:
     """Return (x, attention call, its input): the input is x itself or a module applied to x (the norm)."""
     modules = dict(gm.named_modules())
