@@ -84,26 +84,18 @@ class TokenSelector(nn.Module):
         B, N, C = x_norm.shape
         # eval mode caches what does not change from image to image; training and tracers recompute it
         cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
-        prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
         if self.record_attention:
             logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
                                   _rows(k_bias, self.k_rows))
-            scores = logits.detach() + prefix
-        else:
-            # Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own
-            # time: hence few ops, and a batch-1 path. (scale / H) and q · b_k are the same for every key
-            # of an image, so they do not change the ranking.
+            scores = logits.detach() + self._prefix_bias(x_norm, cached)
+        elif torch.is_grad_enabled():
             with torch.no_grad():
-                query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-                # B, C: W_kᵀ (W_q x + b_q)
-                u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)
-                if B == 1:
-                    scores = torch.addmm(prefix, u, x_norm[0].t())  # 1, N
-                else:  # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
-                    scores = torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
+                scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
+        else:  # entering no_grad costs ~1 µs, a share of a batch-1 layer's dispatch
+            scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
         index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
-        self.kept_index = index
+        self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels. At batch 1 the
         # rows are the positions: skipping the offsets saves ~0.25 ms of 28 ms (DeiT-S, keep 0.5).
@@ -111,6 +103,22 @@ class TokenSelector(nn.Module):
         if B == 1:
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
+
+    def _scores(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
+                cached: bool) -> Tensor:
+        """(B, N) scores, +inf at the prefix tokens.
+
+        Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own time:
+        hence few ops, and a batch-1 path. (scale / H) and q · b_k are the same for every key of an image,
+        so they do not change the ranking.
+        """
+        prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
+        query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
+        u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
+        if x_norm.shape[0] == 1:
+            return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
+        # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
+        return torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
 
     def _prefix_bias(self, x_norm: Tensor, cached: bool) -> Tensor:
         """(N,) scores to add: +inf at the prefix tokens, 0 at image tokens."""
@@ -143,18 +151,20 @@ class TokenSelector(nn.Module):
         # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
         # holds views of the weights it was made from, so their storage cannot be freed and reused.
         weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
-        # inference tensors keep no version; torch.func's wrapped weights have no storage of their own
-        if any(w.is_inference() for w in weights) or torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active():  # the weights may be torch.func's wrappers
+            return None
+        try:
+            key = [(w.data_ptr(), w._version) for w in weights]
+        except RuntimeError:  # inference tensors keep no version
             return None
         cache = self._product_cache
-        if cache is None or len(cache[0]) != len(weights) or not all(
-                w.data_ptr() == c.data_ptr() and w._version == v for w, (c, v) in zip(weights, cache[0])):
+        if cache is None or cache[0] != key:
             device = q_weight.device.type
             # in the weights' own dtype, also under autocast: a later forward may run without it
             with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
                 product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
-            cache = self._product_cache = ([(w.detach(), w._version) for w in weights], product)
-        return cache[1]
+            cache = self._product_cache = (key, [w.detach() for w in weights], product)
+        return cache[2]
 
     def train(self, mode: bool = True) -> "TokenSelector":
         self._product_cache = None  # fused optimizer steps change weights without bumping their versions
