@@ -82,9 +82,17 @@ class TokenSelector(nn.Module):
         self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
     ) -> Tensor:
         B, N, C = x_norm.shape
-        scores = self._frozen_scores(x_norm, q_weight, q_bias, k_weight) if self.frozen else None
-        if scores is None:
-            scores = self._fresh_scores(x_norm, q_weight, q_bias, k_weight, k_bias)
+        # eval mode caches what does not change from image to image; training and tracers recompute it
+        cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        if self.record_attention:
+            logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
+                                  _rows(k_bias, self.k_rows))
+            scores = logits.detach() + self._prefix_bias(x_norm, cached)
+        elif torch.is_grad_enabled():
+            with torch.no_grad():
+                scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
+        else:  # entering no_grad costs ~1 µs, a share of a batch-1 layer's dispatch
+            scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
         index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
         self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
@@ -96,60 +104,21 @@ class TokenSelector(nn.Module):
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
-    def _fresh_scores(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
-                      k_bias: Tensor | None) -> Tensor:
-        """(B, N) scores, +inf at the prefix tokens, in any mode; in eval mode it fills the caches."""
-        cached = self._caches()
-        if self.record_attention:
-            logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
-                                  _rows(k_bias, self.k_rows))
-            return logits.detach() + self._prefix_bias(x_norm, cached)
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self._scores(x_norm, q_weight, q_bias, k_weight, cached)
-        return self._scores(x_norm, q_weight, q_bias, k_weight, cached)  # no_grad costs ~1 µs at batch 1
-
-    def _caches(self) -> bool:
-        # eval mode caches what does not change from image to image; training and tracers recompute it
-        return not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
-
-    def _frozen_scores(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None,
-                       k_weight: Tensor) -> Tensor | None:
-        """`_scores` from the caches an earlier eval forward filled; None where they cannot serve.
-
-        A frozen model at inference, in one short step: each Python call and check of the general
-        path costs microseconds in context, together about half a point of the limit's speedup at
-        batch 1 (A/B in docs/benchmarks.md).
-        """
-        cache, prefix = self._product_cache, self._prefix_cache
-        if (cache is None or prefix is None or self.record_attention or torch.is_grad_enabled() or not self._caches()
-                or torch._C._are_functorch_transforms_active()
-                or (prefix.shape[0], prefix.dtype, prefix.device) != (x_norm.shape[1], x_norm.dtype, x_norm.device)):
-            return None
-        try:
-            if cache[0] != _weights_key(q_weight, q_bias, k_weight):
-                return None
-        except RuntimeError:  # inference tensors keep no version
-            return None
-        return _score_product(prefix, _times(self._query(x_norm), *cache[2]), x_norm)
-
     def _scores(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
                 cached: bool) -> Tensor:
         """(B, N) scores, +inf at the prefix tokens.
 
-        (scale / H) and q · b_k are the same for every key of an image, so they do not change the ranking.
+        Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own time:
+        hence few ops, and a batch-1 path. (scale / H) and q · b_k are the same for every key of an image,
+        so they do not change the ranking.
         """
         prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
-        query = self._query(x_norm)  # B, C
-        product = self._cached_product(q_weight, q_bias, k_weight) if cached and self.frozen else None
-        if product is None:
-            u = self._query_to_key(query, q_weight, q_bias, k_weight)  # B, C: W_kᵀ (W_q x + b_q)
-        else:
-            u = _times(query, *product)
-        return _score_product(prefix, u, x_norm)
-
-    def _query(self, x_norm: Tensor) -> Tensor:
-        return x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
+        query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
+        u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
+        if x_norm.shape[0] == 1:
+            return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
+        # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
+        return torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
 
     def _prefix_bias(self, x_norm: Tensor, cached: bool) -> Tensor:
         """(N,) scores to add: +inf at the prefix tokens, 0 at image tokens."""
@@ -160,13 +129,17 @@ class TokenSelector(nn.Module):
             self._prefix_cache = bias if cached else None
         return bias
 
-    def _query_to_key(self, query: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> Tensor:
+    def _query_to_key(self, query: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
+                      cached: bool) -> Tensor:
         """W_kᵀ (W_q x + b_q) for each query x (B, C), from the weights passed to `forward`.
 
-        A frozen model in eval mode reads a cached C×C product W_qᵀ W_k instead (`_cached_product`),
-        which halves the scorer's weight traffic. An ONNX export computes the product in the graph,
-        from the weights, and onnxruntime folds it into a constant when it loads the model.
+        Frozen, in eval mode, it reads one cached C×C product W_qᵀ W_k instead of W_q and W_k, which
+        halves the scorer's weight traffic. An ONNX export computes the product in the graph, from
+        the weights, and onnxruntime folds it into a constant when it loads the model.
         """
+        product = self._cached_product(q_weight, q_bias, k_weight) if cached else None
+        if product is not None:
+            return _times(query, *product)
         q_weight, q_bias, k_weight = q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows]
         if torch.onnx.is_in_onnx_export():
             return _times(query, *_product(q_weight, q_bias, k_weight))
@@ -177,10 +150,11 @@ class TokenSelector(nn.Module):
         # Valid while the weights keep their storage and version: in-place updates (optimizer steps,
         # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
         # holds views of the weights it was made from, so their storage cannot be freed and reused.
+        weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
         if torch._C._are_functorch_transforms_active():  # the weights may be torch.func's wrappers
             return None
         try:
-            key = _weights_key(q_weight, q_bias, k_weight)
+            key = [(w.data_ptr(), w._version) for w in weights]
         except RuntimeError:  # inference tensors keep no version
             return None
         cache = self._product_cache
@@ -189,7 +163,6 @@ class TokenSelector(nn.Module):
             # in the weights' own dtype, also under autocast: a later forward may run without it
             with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
                 product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
-            weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
             cache = self._product_cache = (key, [w.detach() for w in weights], product)
         return cache[2]
 
@@ -226,24 +199,6 @@ def _product(q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> tuple
 def _times(query: Tensor, product: Tensor, bias: Tensor | None) -> Tensor:
     """query (B, C) @ product + bias."""
     return query @ product if bias is None else torch.addmm(bias, query, product)
-
-
-def _score_product(prefix: Tensor, u: Tensor, x_norm: Tensor) -> Tensor:
-    """(B, N) scores u · x_norm + prefix, in one op: each op costs microseconds of dispatch at batch 1."""
-    if x_norm.shape[0] == 1:
-        return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
-    # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
-    return torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
-
-
-def _weights_key(q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor) -> list:
-    """Storage and version of each weight, which `_cached_product` checks; RuntimeError for inference tensors."""
-    key = [(q_weight.data_ptr(), q_weight._version)]
-    if k_weight is not q_weight:  # a fused qkv weight comes as both
-        key.append((k_weight.data_ptr(), k_weight._version))
-    if q_bias is not None:
-        key.append((q_bias.data_ptr(), q_bias._version))
-    return key
 
 
 def gather_tokens(x: Tensor, rows: Tensor) -> Tensor:
