@@ -145,6 +145,15 @@ def test_selection_follows_a_removed_bias():
     assert_kept_as_brute_force(model, 2, x, dense)
 
 
+def test_frozen_scorer_follows_the_token_count():
+    model = frozen()
+    with torch.no_grad():  # a frozen model at inference scores from its caches
+        for n in (17, 13, 17):  # the cached prefix bias has one score per token: a new count makes a new one
+            x = torch.randn(1, n, 384)
+            model.blocks[2](x)
+            assert_kept_as_brute_force(model, 2, x)
+
+
 def test_weights_made_under_inference_mode_are_scored_without_a_cache():
     x = torch.randn(2, 17, 384)
     with torch.inference_mode():  # inference tensors keep no version counter: in-place updates go unseen
