@@ -65,22 +65,20 @@ def conversion_options(required: bool):
 @conversion_options(required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False),
               help="Output folder.  [default: ./<model>-idle]")
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder (never a folder of other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, output, force, as_json):
     """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json)."""
-    from pathlib import Path
 
     import vitidle
     from vitidle.engine import IdlePlan
     from vitidle.engine.discover import input_size
     from vitidle.flops import count_macs
+    from vitidle.io import check_destination
     from vitidle.models import create, resolve_name
 
     name = resolve_name(model_name)
-    folder = Path(output or f"{name}-idle")
-    if folder.exists() and not force:
-        raise vitidle.errors.UsageError(f"{folder} already exists; pass --force to replace it")
+    folder = check_destination(output or f"{name}-idle", force)  # before the work, not after it
     kwargs = _parse_model_args(model_arg)
     model = create(name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
     size = input_size(model)

@@ -41,6 +41,31 @@ def test_limit_model_runs_each_block_on_its_kept_count(pair):
     assert not any(isinstance(m, vitidle.TokenSelector) for m in limit.modules())
 
 
+@pytest.mark.parametrize("plan, counts", [
+    ("1:0.5", [17, 9, 17, 17]),  # dense blocks after an idle one run on all tokens again
+    ("1:0.25,2:0.5,3:1.0", [17, 5, 9, 17]),  # keep rising from block to block
+])
+def test_limit_model_follows_plans_whose_count_rises(pair, plan, counts):
+    dense, _ = pair
+    idle = vitidle.convert(copy.deepcopy(dense), plan=plan)
+    limit = limit_model(dense, idle)
+    seen = []
+    for block in limit.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        limit(images(dense))
+    assert seen == counts
+    macs = bench(dense, idle, batch_sizes=(1,), repeats=1, warmup=0, onnx=False)["gmacs"]
+    assert macs["limit"] <= macs["idle"] < macs["dense"]
+
+
+def test_report_gives_the_plan_as_it_runs(pair):
+    dense, idle = pair
+    idle.blocks[1].selector.num_keep = 16  # the knob, moved after convert
+    report = bench(dense, idle, batch_sizes=(1,), repeats=1, warmup=0, onnx=False)
+    assert report["plan"]["num_keep"] == [None, 16, 4, 2]
+
+
 def test_limit_of_a_keep_1_model_is_the_dense_model(pair):
     dense, _ = pair
     limit = limit_model(dense, vitidle.convert(copy.deepcopy(dense), 1.0))

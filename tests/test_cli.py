@@ -160,10 +160,15 @@ def test_existing_output_needs_force(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_force_replaces(capsys, tmp_path):
+def test_force_replaces_a_model_folder_only(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("old")
+    code, _, err = convert(capsys, out, "--force")
+    assert code == 2 and "replaces only model folders" in err  # not a model folder: the user's files stay
+    assert_one_error_line(err)
+    assert tree(out) == {"mine.txt": b"old"}
+    (out / "vitidle.json").write_text("{}")  # a model folder, even a broken one, may be replaced
     code, _, err = convert(capsys, out, "--force")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vitidle.json"]

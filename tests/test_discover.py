@@ -1,5 +1,7 @@
 """discover: the block chain and token layout of each timm ViT family, found by tracing; refusals."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 import vitidle
 from vitidle.engine import discover
+from vitidle.engine.discover import input_size
 from vitidle.errors import UnsupportedModelError
 
 BLOCKS = ("blocks.0", "blocks.1", "blocks.2", "blocks.3")
@@ -59,6 +62,28 @@ def test_qk_norm_is_refused():
     model = timm.create_model("vit_small_patch16_224", pretrained=False, depth=2, img_size=64, qk_norm=True)
     with pytest.raises(UnsupportedModelError, match="qk-norm"):
         discover(model)
+
+
+def test_talking_heads_are_refused():
+    model = timm.create_model("cait_xxs24_224", pretrained=False, depth=2, img_size=64)
+    with pytest.raises(UnsupportedModelError, match="talking heads"):
+        discover(model)
+
+
+def test_a_prefix_the_blocks_do_not_see_is_refused():
+    model = tiny("deit_tiny_patch16_224")
+    model.num_prefix_tokens = 2  # says 2 + 16 tokens; the blocks see 17 (as CaiT's class token joins later)
+    with pytest.raises(UnsupportedModelError, match="blocks see 17 tokens"):
+        discover(model)
+
+
+def test_a_hybrid_vit_takes_images_and_converts():
+    dense = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=2, img_size=64).eval()
+    assert input_size(dense) == (3, 64, 64)  # the stem's channels, not the projection's
+    idle = vitidle.convert(copy.deepcopy(dense), keep=1.0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(idle(x), dense(x))
 
 
 class TwoBlocks(nn.Module):

@@ -261,6 +261,13 @@ def test_a_failed_gate_writes_nothing(tmp_path, monkeypatch):
     assert listing(tmp_path) == []  # no .onnx, no .data, no temp folder
 
 
+def test_a_failed_gate_leaves_no_new_folders(tmp_path, monkeypatch):
+    perturbing_export(monkeypatch)
+    with pytest.raises(ParityError):
+        export_onnx(converted(), tmp_path / "a" / "b" / "model.onnx", legacy=True)
+    assert listing(tmp_path) == []
+
+
 def test_a_failed_gate_keeps_the_older_files(tmp_path, monkeypatch):
     (tmp_path / "model.onnx").write_bytes(b"older export")
     (tmp_path / "model.onnx.data").write_bytes(b"older weights")
@@ -297,6 +304,11 @@ def test_an_existing_file_needs_force(exported, tmp_path):
     with pytest.raises(UsageError, match="already exists"):
         export_onnx(model, path, legacy=True)
     assert listing(tmp_path) == ["model.onnx"] and path.read_bytes() == b"mine"
+    path.unlink()
+    (tmp_path / "model.onnx.data").write_bytes(b"mine too")  # beside no .onnx: still the user's file
+    with pytest.raises(UsageError, match=r"model\.onnx\.data already exists"):
+        export_onnx(model, path, legacy=True)
+    assert listing(tmp_path) == ["model.onnx.data"]
     export_onnx(model, path, legacy=True, force=True)
     assert listing(tmp_path) == ["model.onnx"]
     assert check_onnx(model, path).max_diff <= 1e-4

@@ -178,6 +178,23 @@ def test_frozen_scorer_after_autocast_and_torch_func():
     assert_kept_as_brute_force(model, 2, x)
 
 
+def test_a_first_forward_under_vmap_leaves_the_model_usable():
+    model, x = frozen().eval(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        batched = torch.func.vmap(model)(torch.stack([x, x]))  # nothing of vmap's may stay in a cache
+        torch.testing.assert_close(model(x), batched[0])
+
+
+def test_deepcopy_after_recording_attention():
+    model = converted().train()
+    for selector in vitidle.idle_selectors(model):
+        selector.record_attention = True
+    model(torch.randn(2, 3, 64, 64)).sum().backward()  # the logits hold their graph
+    copied = copy.deepcopy(model)  # e.g. the best or the EMA model of a finetune
+    assert all(s.attention_logits is None for s in vitidle.idle_selectors(copied))
+    assert all(s.attention_logits is not None for s in vitidle.idle_selectors(model))
+
+
 class Products(TorchDispatchMode):
     """Records the matrix products whose operands are both C×C: the scorer's product of weights."""
 
@@ -234,17 +251,18 @@ class InPlaceMerges(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def chained():
+def chained(**kw):
     """A converted 4-block DeiT-S (blocks 1-3 idle) and the same model with a plain nn.Sequential."""
-    model = vitidle.convert(tiny(), 0.5)
+    model = vitidle.convert(tiny(**kw), 0.5)
     plain = copy.deepcopy(model)
     plain.blocks = nn.Sequential(*plain.blocks)
     return model, plain
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_idle_blocks_write_into_inputs_the_chain_made(batch):
-    model, plain = chained()
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])  # timm's RmsNorm is no nn.RMSNorm
+def test_idle_blocks_write_into_inputs_the_chain_made(batch, norm):
+    model, plain = chained(norm_layer=norm)
     assert isinstance(model.blocks, IdleSequential)
     x = torch.randn(batch, 3, 64, 64)
     with torch.no_grad(), InPlaceMerges() as merges:

@@ -99,13 +99,48 @@ def test_save_refuses_an_existing_folder(saved, tmp_path):
 def test_force_replaces_and_leaves_no_temp_folder(saved, tmp_path):
     model, _ = saved
     folder = tmp_path / "out"
-    folder.mkdir()
+    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder)
     (folder / "old.txt").write_text("old")
     vitidle.save(model, folder, force=True)
     assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "vitidle.json"]
     assert leftovers(tmp_path, "out") == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    vitidle.load(folder)
+    assert vitidle.load(folder).vitidle_config["plan"] == model.vitidle_config["plan"]
+
+
+def test_force_replaces_no_folder_of_other_files(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"mine")
+    with pytest.raises(UsageError, match="replaces only model folders"):
+        vitidle.save(model, folder, force=True)
+    assert tree(folder) == {"cat.jpg": b"mine"}
+    vitidle.save(model, tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "model")
+    with pytest.raises(UsageError, match="current folder"):
+        vitidle.save(model, ".", force=True)
+    assert (tmp_path / "model" / "vitidle.json").is_file()
+
+
+def test_force_through_a_link_replaces_the_model_it_points_to(saved, tmp_path):
+    model, _ = saved
+    real, link = tmp_path / "real", tmp_path / "link"
+    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), real)
+    link.symlink_to(real, target_is_directory=True)
+    vitidle.save(model, link, force=True)
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert vitidle.load(real).vitidle_config["plan"] == model.vitidle_config["plan"]
+
+
+def test_saved_folder_has_the_umask_mode(saved, tmp_path):
+    model, _ = saved
+    old = os.umask(0o022)
+    try:
+        vitidle.save(model, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
 
 
 def test_save_creates_missing_parents(saved, tmp_path):
@@ -128,9 +163,9 @@ def fail(*args, **kwargs):
 def test_failed_save_leaves_nothing(saved, tmp_path, monkeypatch):
     model, _ = saved
     monkeypatch.setattr(vitidle.io, "save_file", fail)
-    with pytest.raises(OSError, match="disk full"):
-        vitidle.save(model, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UsageError, match="cannot write .*: disk full"):
+        vitidle.save(model, tmp_path / "a" / "out")
+    assert list(tmp_path.iterdir()) == []  # the parent it made is gone too
 
 
 def test_failed_forced_save_keeps_the_old_folder(saved, tmp_path, monkeypatch):
@@ -139,7 +174,7 @@ def test_failed_forced_save_keeps_the_old_folder(saved, tmp_path, monkeypatch):
     vitidle.save(model, folder)
     before = tree(folder)
     monkeypatch.setattr(vitidle.io, "save_file", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UsageError, match="disk full"):
         vitidle.save(model, folder, force=True)
     assert tree(folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
@@ -158,7 +193,7 @@ def test_failed_swap_keeps_the_old_folder(saved, tmp_path, monkeypatch):
         return real_rename(self, target)
 
     monkeypatch.setattr(pathlib.Path, "rename", rename)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(UsageError, match="rename failed"):
         vitidle.save(model, folder, force=True)
     monkeypatch.undo()
     assert folder.is_dir() and tree(folder) == before
@@ -211,6 +246,22 @@ def test_load_corrupt_config(saved, tmp_path, text):
     with pytest.raises(CheckpointError) as info:
         vitidle.load(tmp_path / "m")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where, value", [("idle", -3), ("idle", 0), ("idle", 2.7), ("idle", True), ("idle", "8"),
+                                          ("dense", 4), ("short", None)])
+def test_load_refuses_a_corrupt_num_keep(saved, tmp_path, where, value):
+    _, folder = saved
+    shutil.copytree(folder, tmp_path / "m")
+    config = json.loads((folder / "vitidle.json").read_text())
+    num_keep = config["plan"]["num_keep"]
+    if where == "short":
+        num_keep.pop()
+    else:
+        num_keep[[k is None for k in num_keep].index(where == "dense")] = value  # the first such block
+    (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="plan.num_keep"):
+        vitidle.load(tmp_path / "m")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])

@@ -142,6 +142,14 @@ def test_converts_a_model_in_another_dtype(dtype):
         torch.testing.assert_close(model(x), dense(x), atol=1e-2 if dtype == torch.bfloat16 else 1e-9, rtol=1e-2)
 
 
+def test_an_empty_batch_gives_an_empty_output(deit):
+    dense = copy.deepcopy(deit)
+    model = vitidle.convert(deit, keep=0.5)
+    x = images(model)[:0]
+    with torch.no_grad():
+        assert model(x).shape == dense(x).shape == (0, 1000)
+
+
 def test_batch_one_equals_its_row_in_a_batch(deit):
     model = vitidle.convert(deit, keep=0.5)
     x = images(model, batch=3)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .engine.rewrite import config_of, num_keep_of
@@ -26,28 +27,34 @@ from .export import INPUT_NAME, export_onnx, ort_session
 from .idle import idle_selectors
 
 
-class KeepFirst(nn.Module):
-    """Cut the sequence to its first `num_tokens` tokens (the limit's stand-in for selection)."""
+class TokenCount(nn.Module):
+    """Set the sequence to `num_tokens` tokens: cut it to its first ones, or pad it with zeros where a block
+    runs on more tokens than the one before (a dense block after idle ones). The limit's stand-in for
+    selection: it times the blocks at their counts; its outputs are not the idle model's."""
 
     def __init__(self, num_tokens: int):
         super().__init__()
         self.num_tokens = num_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, : self.num_tokens].contiguous()
+        N = x.shape[1]
+        if N >= self.num_tokens:
+            return x[:, : self.num_tokens].contiguous()
+        return F.pad(x, (0, 0, 0, self.num_tokens - N))
 
 
 def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
     """A copy of `dense` whose blocks run on the token counts of `idle`'s plan, with no selection cost."""
     config = config_of(idle)
     limit = copy.deepcopy(dense)
-    num_prefix, current = config["layout"]["num_prefix"], config["layout"]["num_tokens"]
+    num_prefix = config["layout"]["num_prefix"]
+    current = num_tokens = config["layout"]["num_tokens"]
     for name, num_keep in zip(config["layout"]["blocks"], num_keep_of(idle)):
-        n = current if num_keep is None else num_prefix + num_keep
-        if n != current:  # slice only where the count changes: once per stage
+        n = num_tokens if num_keep is None else min(num_prefix + num_keep, num_tokens)
+        if n != current:  # only where the count changes: once per stage
             parent_name, _, child = name.rpartition(".")
             parent = limit.get_submodule(parent_name)
-            setattr(parent, child, nn.Sequential(KeepFirst(n), getattr(parent, child)))
+            setattr(parent, child, nn.Sequential(TokenCount(n), getattr(parent, child)))
             current = n
     return limit.eval()
 
@@ -151,7 +158,7 @@ def bench(
     config = config_of(idle)
     report = {
         "model": config["base_model"],
-        "plan": config["plan"],
+        "plan": {**config["plan"], "num_keep": num_keep_of(idle)},  # as it runs now (the knob may have moved)
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),

@@ -24,6 +24,7 @@ from torch import nn
 
 from .engine.discover import evaluating, input_size
 from .errors import OnnxError, ParityError, UsageError
+from .io import parents_removed_on_error
 
 INPUT_NAME = "pixel_values"
 PARITY_BATCH_SIZES = (1, 4)  # the export itself traces batch 2: parity also covers other sizes
@@ -78,8 +79,6 @@ def export_onnx(
     >>> r.max_diff <= r.atol, r.top1_agreement
     (True, 1.0)
     """
-    import onnx
-
     dest = Path(path)
     if dest.suffix != ".onnx":
         raise UsageError(f"{dest} does not end in .onnx; name the file to export to, e.g. model.onnx")
@@ -87,17 +86,28 @@ def export_onnx(
         raise UsageError(f"opset {opset} is too old: vitidle exports opset {MIN_OPSET} or newer")
     if dest.is_dir():
         raise UsageError(f"{dest} is a folder; give the ONNX file to write, e.g. {dest / 'model.onnx'}")
-    if dest.exists() and not force:
-        raise UsageError(f"{dest} already exists; pass --force (force=True) to replace it")
+    data = data_path(dest)
+    for existing in (dest, data):  # an orphaned `.data` may be someone's file too
+        if existing.exists() and not force:
+            raise UsageError(f"{existing} already exists; pass --force (force=True) to replace it")
     model = cpu_float32(model)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > LARGE_WEIGHTS
+    with parents_removed_on_error(dest):
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        except OSError as e:
+            raise UsageError(f"cannot write {dest}: {e.strerror or e}") from e
+        return _export_checked(model, dest, tmp, opset, legacy, atol, images, external_data)
+
+
+def _export_checked(model: nn.Module, dest: Path, tmp: Path, opset: int, legacy: bool, atol: float,
+                    images: torch.Tensor | str | os.PathLike | None, external_data: bool) -> ParityReport:
+    """Export into the folder `tmp`, run the parity gate, and move the file(s) to `dest` if it passed."""
+    import onnx
+
     data = data_path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    except OSError as e:
-        raise UsageError(f"cannot write {dest}: {e.strerror or e}") from e
     try:
         out = tmp / dest.name
         with evaluating(model), torch.no_grad(), quiet():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import timm.layers
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -17,7 +18,9 @@ from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
 SELECTOR = "selector"  # a rewritten block's TokenSelector, by name
-PER_TOKEN_NORMS = (nn.LayerNorm, nn.RMSNorm)
+# norms that act on each token alone (timm's RMS norms are not nn.RMSNorm; SimpleNorm is newer than timm 1.0.9)
+PER_TOKEN_NORMS = tuple(n for n in (nn.LayerNorm, nn.RMSNorm, *(getattr(timm.layers, name, None) for name in (
+    "RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32"))) if n is not None)
 
 
 class TokenSelector(nn.Module):
@@ -83,7 +86,8 @@ class TokenSelector(nn.Module):
     ) -> Tensor:
         B, N, C = x_norm.shape
         # eval mode caches what does not change from image to image; training and tracers recompute it
-        cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                      or torch._C._are_functorch_transforms_active())  # torch.func's tensors must not be kept
         if self.record_attention:
             logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
                                   _rows(k_bias, self.k_rows))
@@ -151,8 +155,6 @@ class TokenSelector(nn.Module):
         # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
         # holds views of the weights it was made from, so their storage cannot be freed and reused.
         weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
-        if torch._C._are_functorch_transforms_active():  # the weights may be torch.func's wrappers
-            return None
         try:
             key = [(w.data_ptr(), w._version) for w in weights]
         except RuntimeError:  # inference tensors keep no version
@@ -175,7 +177,8 @@ class TokenSelector(nn.Module):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_product_cache": None, "_prefix_cache": None}  # rebuilt when needed
+        # caches are rebuilt when needed; the recorded logits hold a graph (deepcopy refuses non-leaf tensors)
+        return {**super().__getstate__(), "_product_cache": None, "_prefix_cache": None, "attention_logits": None}
 
     def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
                 k_bias: Tensor | None) -> Tensor:
@@ -206,7 +209,8 @@ def gather_tokens(x: Tensor, rows: Tensor) -> Tensor:
     if _one_image(x):  # rows are positions: one op instead of three
         return x.index_select(1, rows)
     B, N, C = x.shape
-    return x.reshape(B * N, C).index_select(0, rows).view(B, -1, C)
+    empty = isinstance(B, int) and B == 0  # view(0, -1, C) is ambiguous (B is a Proxy when fx re-traces)
+    return x.reshape(B * N, C).index_select(0, rows).view(B, 0 if empty else -1, C)
 
 
 def merge_tokens(x: Tensor, rows: Tensor, y: Tensor, into_x: bool = False) -> Tensor:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
-import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,40 +26,74 @@ CONFIG = "vitidle.json"
 
 
 def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a converted model to `folder`; an existing folder is replaced only with `force=True`.
+    """Write a converted model to `folder`; an existing model folder is replaced only with `force=True`.
 
     Everything is written to a temporary folder beside it first, then renamed into place, so a
-    crash never leaves a half-written model or loses the old one. The saved plan holds each
-    block's current `selector.num_keep`.
+    crash never leaves a half-written model or loses the old one. `force` replaces a model folder
+    or an empty one, never a folder of other files. A link to a folder keeps pointing to the new
+    model. The saved plan holds each block's current `selector.num_keep`.
     """
-    folder = Path(folder)
+    folder = check_destination(folder, force)
+    config = copy.deepcopy(config_of(model))
+    config["plan"]["num_keep"] = num_keep_of(model)
+    check_rebuild(model, config)
+    tmp = folder.with_name(f".{folder.name}.new-{uuid.uuid4().hex[:8]}")
+    try:
+        with parents_removed_on_error(folder):
+            tmp.mkdir(parents=True)  # not mkdtemp: the folder gets the umask's mode, not 0700
+            try:
+                state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+                save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+                (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+                swap_in(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # after a swap it is gone already
+    except OSError as e:
+        raise UsageError(f"cannot write {folder}: {e.strerror or e}") from e
+    return folder
+
+
+def swap_in(new: Path, folder: Path) -> None:
+    """Rename the folder `new` to `folder`; an existing `folder` is removed only once `new` is in place."""
+    if not folder.exists():
+        new.rename(folder)
+        return
+    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+    folder.rename(old)
+    try:
+        new.rename(folder)
+    except BaseException:
+        old.rename(folder)
+        raise
+    shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def parents_removed_on_error(path: Path) -> Iterator[None]:
+    """Remove the folders above `path` that were missing before the block, if it raises (a failed
+    write leaves no new empty folders behind)."""
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        raise
+
+
+def check_destination(folder: str | os.PathLike, force: bool = False) -> Path:
+    """`folder` resolved (a link's target, a name for "."), if `save` may write a model there; else UsageError."""
+    folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; give a folder to save the model in")
     if folder.exists() and not force:
         raise UsageError(f"{folder} already exists; pass --force (force=True) to replace it")
-    config = copy.deepcopy(config_of(model))
-    config["plan"]["num_keep"] = num_keep_of(model)
-    check_rebuild(model, config)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            folder.rename(old)
-            try:
-                tmp.rename(folder)
-            except BaseException:
-                old.rename(folder)
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if folder.exists() and not (folder / CONFIG).is_file() and any(folder.iterdir()):
+        raise UsageError(f"{folder} holds files but no {CONFIG}: --force replaces only model folders; "
+                         "choose a new folder")
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise UsageError(f"cannot replace {folder}: it is the current folder or holds it; choose another folder")
     return folder
 
 
@@ -116,6 +151,13 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
     if not base:
         raise CheckpointError(f"{path} names no base_model; it cannot be rebuilt")
+    keep, num_keep = config["plan"]["keep"], config["plan"].get("num_keep")
+    if num_keep is not None and not (
+        isinstance(num_keep, list) and len(num_keep) == len(keep)
+        and all(k is None if r is None else type(k) is int and k >= 1 for r, k in zip(keep, num_keep))
+    ):
+        raise CheckpointError(f"{path} is corrupt: plan.num_keep must give each block null (dense) or its count "
+                              f"of kept image tokens (a whole number >= 1), got {num_keep}")
     return config
 
 

@@ -63,6 +63,10 @@ def query_key(attn: nn.Module, name: str = "attention") -> QueryKey:
         raise UnsupportedModelError(
             f"{name} uses qk-norm, whose keys are not linear in the token; vitidle cannot score it yet"
         )
+    if hasattr(attn, "proj_l"):  # CaiT's talking heads mix the heads' logits before the softmax
+        raise UnsupportedModelError(
+            f"{name} mixes heads before the softmax (talking heads); vitidle cannot score it yet"
+        )
     num_heads = attn.num_heads
     if isinstance(getattr(attn, "qkv", None), nn.Linear):
         dim = attn.qkv.out_features // 3

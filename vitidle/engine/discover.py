@@ -111,9 +111,10 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) the model expects: its patch embedding's image size, else its pretrained config."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
-    proj = getattr(patch_embed, "proj", None)
-    if img_size is not None and isinstance(proj, nn.Conv2d):
-        return (proj.in_channels, *img_size)
+    # the first convolution sees the image: `proj`, or a hybrid's backbone stem before it
+    conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None) if patch_embed else None
+    if img_size is not None and conv is not None:
+        return (conv.in_channels, *img_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"])
@@ -166,11 +167,16 @@ def discover(model: nn.Module) -> ViTLayout:
     _, num_tokens, dim = shape_in
 
     num_prefix = getattr(model, "num_prefix_tokens", None)
+    num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
     if num_prefix is None:
-        num_patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
         if num_patches is None:
             raise UnsupportedModelError(f"cannot tell {name}'s prefix tokens: it has no num_prefix_tokens")
         num_prefix = num_tokens - num_patches
+    elif num_patches is not None and num_tokens != num_prefix + num_patches:
+        raise UnsupportedModelError(
+            f"pass discover: {name}'s blocks see {num_tokens} tokens, not its {num_prefix} prefix + {num_patches} "
+            "patch tokens (a class token that joins after the blocks?); vitidle cannot tell which token to score with"
+        )
     has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
     return ViTLayout(
         blocks=tuple(n.target for n in nodes),
