@@ -87,13 +87,13 @@ def check_destination(folder: str | os.PathLike, force: bool = False) -> Path:
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; give a folder to save the model in")
+    if folder == Path.cwd() or folder in Path.cwd().parents:
+        raise UsageError(f"cannot replace {folder}: it is the current folder or holds it; choose another folder")
     if folder.exists() and not force:
         raise UsageError(f"{folder} already exists; pass --force (force=True) to replace it")
     if folder.exists() and not (folder / CONFIG).is_file() and any(folder.iterdir()):
         raise UsageError(f"{folder} holds files but no {CONFIG}: --force replaces only model folders; "
                          "choose a new folder")
-    if folder == Path.cwd() or folder in Path.cwd().parents:
-        raise UsageError(f"cannot replace {folder}: it is the current folder or holds it; choose another folder")
     return folder
 
 
