@@ -69,6 +69,7 @@ def conversion_options(required: bool):
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, output, force, as_json):
     """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json)."""
+    from pathlib import Path
 
     import vitidle
     from vitidle.engine import IdlePlan
@@ -78,7 +79,8 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
     from vitidle.models import create, resolve_name
 
     name = resolve_name(model_name)
-    folder = check_destination(output or f"{name}-idle", force)  # before the work, not after it
+    folder = Path(output or f"{name}-idle")
+    check_destination(folder, force)  # before the work, not after it
     kwargs = _parse_model_args(model_arg)
     model = create(name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
     size = input_size(model)

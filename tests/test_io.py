@@ -133,6 +133,32 @@ def test_force_through_a_link_replaces_the_model_it_points_to(saved, tmp_path):
     assert vitidle.load(real).vitidle_config["plan"] == model.vitidle_config["plan"]
 
 
+def test_save_returns_the_path_as_given_and_refuses_a_link_loop(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    monkeypatch.chdir(tmp_path)
+    assert vitidle.save(model, "rel") == pathlib.Path("rel")  # what the user typed, for messages
+    pathlib.Path("loop").symlink_to("loop")
+    with pytest.raises(UsageError, match="cannot save to loop"):
+        vitidle.save(model, "loop")
+
+
+def test_a_failed_cleanup_after_the_swap_is_a_warning(saved, tmp_path, monkeypatch):
+    model, _ = saved
+    folder = tmp_path / "out"
+    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder)
+    rmtree = shutil.rmtree
+
+    def failing_rmtree(path, *args, **kwargs):
+        if ".old-" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    with pytest.warns(UserWarning, match="the new model is in"):
+        vitidle.save(model, folder, force=True)
+    assert vitidle.load(folder).vitidle_config["plan"] == model.vitidle_config["plan"]
+
+
 def test_saved_folder_has_the_umask_mode(saved, tmp_path):
     model, _ = saved
     old = os.umask(0o022)

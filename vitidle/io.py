@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     or an empty one, never a folder of other files. A link to a folder keeps pointing to the new
     model. The saved plan holds each block's current `selector.num_keep`.
     """
-    folder = check_destination(folder, force)
+    given, folder = Path(folder), check_destination(folder, force)
     config = copy.deepcopy(config_of(model))
     config["plan"]["num_keep"] = num_keep_of(model)
     check_rebuild(model, config)
@@ -50,7 +51,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
                 shutil.rmtree(tmp, ignore_errors=True)  # after a swap it is gone already
     except OSError as e:
         raise UsageError(f"cannot write {folder}: {e.strerror or e}") from e
-    return folder
+    return given
 
 
 def swap_in(new: Path, folder: Path) -> None:
@@ -65,7 +66,11 @@ def swap_in(new: Path, folder: Path) -> None:
     except BaseException:
         old.rename(folder)
         raise
-    shutil.rmtree(old)
+    try:
+        shutil.rmtree(old)
+    except OSError as e:  # the new model is in place: saving did not fail
+        warnings.warn(f"the new model is in {folder}, but the old one could not be removed from {old}: "
+                      f"{e.strerror or e}", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -84,7 +89,10 @@ def parents_removed_on_error(path: Path) -> Iterator[None]:
 
 def check_destination(folder: str | os.PathLike, force: bool = False) -> Path:
     """`folder` resolved (a link's target, a name for "."), if `save` may write a model there; else UsageError."""
-    folder = Path(folder).resolve()
+    try:
+        folder = Path(folder).resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a link loop, before Python 3.13
+        raise UsageError(f"cannot save to {folder}: {e}") from e
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder} is a file; give a folder to save the model in")
     if folder == Path.cwd() or folder in Path.cwd().parents:
