@@ -150,6 +150,16 @@ def test_an_empty_batch_gives_an_empty_output(deit):
         assert model(x).shape == dense(x).shape == (0, 1000)
 
 
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "vit_medium_patch16_gap_256"])
+def test_a_converted_model_traces_with_fx_as_the_dense_one_does(name):
+    model = vitidle.convert(tiny(name), keep=0.5).eval()
+    traced = torch.fx.symbolic_trace(model, concrete_args={"attn_mask": None, "is_causal": False})
+    for batch in (1, 3):  # one traced graph for every batch size: no batch-1 branch baked in
+        x = images(model, batch)
+        with torch.no_grad():
+            assert torch.equal(traced(x), model(x))
+
+
 def test_batch_one_equals_its_row_in_a_batch(deit):
     model = vitidle.convert(deit, keep=0.5)
     x = images(model, batch=3)

@@ -85,8 +85,9 @@ class TokenSelector(nn.Module):
         self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
     ) -> Tensor:
         B, N, C = x_norm.shape
+        traced = isinstance(x_norm, fx.Proxy)  # fx.symbolic_trace of a converted model: no branch on shapes
         # eval mode caches what does not change from image to image; training and tracers recompute it
-        cached = not (self.training or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        cached = not (self.training or traced or torch.jit.is_tracing() or torch.compiler.is_compiling()
                       or torch._C._are_functorch_transforms_active())  # torch.func's tensors must not be kept
         if self.record_attention:
             logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
@@ -98,13 +99,15 @@ class TokenSelector(nn.Module):
         else:  # entering no_grad costs ~1 µs, a share of a batch-1 layer's dispatch
             scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
         # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
-        index = scores.topk(min(self.num_prefix + self.num_keep, N), dim=1, sorted=False).indices  # B, P + K
-        self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
+        num_kept = self.num_prefix + self.num_keep if traced else min(self.num_prefix + self.num_keep, N)
+        index = scores.topk(num_kept, dim=1, sorted=False).indices  # B, P + K
+        if not traced:
+            self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels. At batch 1 the
         # rows are the positions: skipping the offsets saves ~0.25 ms of 28 ms (DeiT-S, keep 0.5).
         # Export with a batch of 2 or more (as torch.export's dynamic dims assume) to keep the general path.
-        if B == 1:
+        if _one_image(x_norm):
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
@@ -119,7 +122,7 @@ class TokenSelector(nn.Module):
         prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
         query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
         u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
-        if x_norm.shape[0] == 1:
+        if _one_image(x_norm):
             return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
         # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
         return torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N
