@@ -112,7 +112,7 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     # the first convolution sees the image: `proj`, or a hybrid's backbone stem before it
-    conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None) if patch_embed else None
+    conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None) if patch_embed is not None else None
     if img_size is not None and conv is not None:
         return (conv.in_channels, *img_size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
