@@ -65,7 +65,8 @@ def conversion_options(required: bool):
 @conversion_options(required=True)
 @click.option("--output", "-o", type=click.Path(file_okay=False),
               help="Output folder.  [default: ./<model>-idle]")
-@click.option("--force", is_flag=True, help="Replace an existing model folder (never a folder of other files).")
+@click.option("--force", is_flag=True,
+              help="Replace the model files of an existing model folder (its other files stay).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, output, force, as_json):
     """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json)."""
@@ -274,7 +275,7 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     num_patches = idle.vitidle_config["layout"]["num_tokens"] - idle.vitidle_config["layout"]["num_prefix"]
     _print_table([
         ("model", source),
-        ("plan", IdlePlan(tuple(report["plan"]["keep"])).describe(num_patches)),
+        ("plan", IdlePlan(tuple(report["plan"]["keep"])).describe(num_patches, report["plan"]["num_keep"])),
         ("parameters", f"{report['parameters'] / 1e6:.2f} M"),
         ("idle", "frozen for inference (vitidle.freeze)" if report["frozen"] else "not frozen (--no-freeze)"),
         ("GMACs", f"dense {g['dense']:.2f}, idle {g['idle']:.2f}, limit {g['limit']:.2f}"),

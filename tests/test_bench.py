@@ -204,3 +204,13 @@ def test_markdown_table_formats_every_row():
     assert lines[0].startswith("| runtime | batch | dense ms") and lines[1].count("---") == 10
     assert lines[2] == "| onnxruntime | 4 | 40.00 | 25.00 | 20.00 | 100.0 | 160.0 | 1.60x | 2.00x | 80.0% |"
     assert lines[3].startswith("| pytorch |")
+
+
+def test_bench_prints_the_plan_the_model_runs(capsys, tmp_path):
+    model = vitidle.convert("deit_tiny", keep=0.5, pretrained=False, model_kwargs={"depth": 4, "img_size": 64})
+    model.blocks[3].selector.num_keep = 1  # the knob moved after the conversion, then saved
+    vitidle.save(model, tmp_path / "m")
+    code, out, err = run(capsys, "bench", tmp_path / "m", *FAST, "--no-onnx")
+    assert code == 0, err
+    plan = next(line for line in out.splitlines() if line.startswith("plan"))
+    assert "1: 0.5 (8), 2: 0.25 (4), 3: 0.0625 (1)" in plan

@@ -169,9 +169,12 @@ def test_force_replaces_a_model_folder_only(capsys, tmp_path):
     assert_one_error_line(err)
     assert tree(out) == {"mine.txt": b"old"}
     (out / "vitidle.json").write_text("{}")  # a model folder, even a broken one, may be replaced
+    (out / "runs").mkdir()
+    (out / "runs" / "epoch1.ckpt").write_text("x")
     code, _, err = convert(capsys, out, "--force")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "vitidle.json"]
+    assert tree(out)["mine.txt"] == b"old" and tree(out)["runs/epoch1.ckpt"] == b"x"  # only vitidle's files change
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "model.safetensors", "runs", "vitidle.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     vitidle.load(out)
 
@@ -443,6 +446,7 @@ EXPORT_BAD = {
     "check-only-with-export-options": (["--onnx", "--check-only", "--legacy", "--opset", "17"], 2,
                                        "--legacy, --opset only apply to an export"),
     "not-a-model-folder": (["{empty}", "--onnx"], 1, "not a vitidle model folder"),
+    "tampered-config": (["{tampered}", "--onnx"], 1, "do not fit"),
     "output-under-a-file": (["--onnx", "--legacy", "-o", f"{FOLDER}/model.safetensors/x.onnx"], 2, "cannot write"),
 }
 
@@ -451,9 +455,15 @@ EXPORT_BAD = {
 def test_export_bad_input_gives_one_line_and_writes_nothing(capsys, here, tmp_path, case):
     args, want_code, text = EXPORT_BAD[case]
     (tmp_path / "empty").mkdir()
+    tampered = tmp_path / "elsewhere" / "tampered"  # not a folder of cwd: the model export finds stays `here`
+    shutil.copytree(here, tampered)
+    config = json.loads((here / "vitidle.json").read_text())
+    config["model_kwargs"]["img_size"] = 8  # a sample forward would fail: the weights' header says so first
+    (tampered / "vitidle.json").write_text(json.dumps(config))
     before = tree(tmp_path)
     listing = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
-    code, stdout, err = run(capsys, "export", *[a.format(empty=tmp_path / "empty") for a in args])
+    code, stdout, err = run(capsys, "export", *[a.format(empty=tmp_path / "empty", tampered=tampered)
+                                                for a in args])
     assert code == want_code, err
     assert_one_error_line(err)
     assert text in err

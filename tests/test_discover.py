@@ -153,3 +153,13 @@ def test_discover_leaves_each_submodule_mode():
     model.blocks[0].eval()  # e.g. a frozen block
     discover(model)
     assert model.training and not model.blocks[0].training
+
+
+def test_a_failed_sample_forward_is_one_line_and_prints_nothing(capfd):
+    model = tiny()
+    model.patch_embed.img_size = (8, 8)  # smaller than a patch: the sample forward fails in the convolution
+    with pytest.raises(vitidle.errors.ConversionError, match="pass discover: a sample forward .* failed: "
+                                                             "RuntimeError: Calculated padded input size") as info:
+        discover(model)
+    assert "\n" not in str(info.value)
+    assert capfd.readouterr() == ("", "")

@@ -95,3 +95,19 @@ def test_count_macs_leaves_each_submodule_mode():
     model.blocks[0].eval()
     count_macs(model)
     assert model.training and not model.blocks[0].training
+
+
+@pytest.mark.parametrize("grad_mode", ["inference_mode", "no_grad", "enable_grad"])
+def test_torchs_own_flop_counter_counts_a_converted_model(grad_mode):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dense = tiny()
+    model = vitidle.convert(copy.deepcopy(dense), keep=0.5).eval()
+    counts = []
+    for net in (model, model, dense):  # twice: the module tracker's hooks must survive a second count
+        counter = FlopCounterMode(display=False)
+        with counter, getattr(torch, grad_mode)():
+            net(torch.randn(1, 3, 64, 64))
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] < counts[2]

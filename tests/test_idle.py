@@ -363,3 +363,110 @@ def test_compiles_into_one_graph():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(compiled(x), plain(x))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # deprecation; timm's asserts
+def test_a_trace_at_batch_1_runs_every_batch_size():
+    model = converted().eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(1, 3, 64, 64))  # as torch.onnx.export(dynamo=False) traces
+        torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class WrappedLinear(nn.Module):
+    """An adapter around a Linear, as peft's LoRA layers are: `weight` is the base weight, the output is not."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base_layer, self.delta = base, nn.Linear(base.in_features, base.out_features, bias=False)
+        nn.init.normal_(self.delta.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.delta(x)
+
+
+def assert_scored_with_the_adapted_layer(model, block_index, x, dense):
+    block = model.blocks[block_index]
+    block.selector.record_attention = True
+    block(x)
+    torch.testing.assert_close(block.selector.attention_logits[:, 0], class_attention_scores(dense.blocks[block_index], x),
+                               atol=1e-4, rtol=1e-4)
+    block.selector.record_attention = False
+    with torch.no_grad():
+        block(x)
+    want = kept_positions(dense.blocks[block_index], x, block.selector.num_keep, 1)
+    assert torch.equal(block.selector.kept_index.sort(1).values, want)
+
+
+@pytest.mark.parametrize("mode", ["eval", "frozen", "train"])
+def test_a_wrapped_projection_is_scored_as_it_computes(mode):
+    model = converted().train(mode == "train")
+    vitidle.freeze(model, mode == "frozen")
+    x = torch.randn(2, 17, 384)
+    model.blocks[2](x)  # a frozen model caches the plain weights' product first
+    model.blocks[2].attn.qkv = WrappedLinear(model.blocks[2].attn.qkv)
+    dense = copy.deepcopy(model)  # the reference reads the block's own (wrapped) attention
+    assert_scored_with_the_adapted_layer(model, 2, x, dense)
+
+
+def test_lora_adapters_are_scored_with_their_update():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(converted(), peft.LoraConfig(r=4, target_modules=["qkv"], init_lora_weights=False))
+    base = model.base_model.model
+    base.eval()
+    assert_scored_with_the_adapted_layer(base.train(), 2, torch.randn(2, 17, 384), base)
+    merged = copy.deepcopy(model).merge_and_unload()  # W + BA as a plain Linear again: the fast path, same choice
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(merged.eval()(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+        assert torch.equal(merged.blocks[3].selector.kept_index, base.blocks[3].selector.kept_index)
+
+
+@pytest.mark.parametrize("value", [0, -1, 17, 2.5, True, "3"])
+def test_num_keep_outside_1_to_num_patches_is_refused(value):
+    model = converted()
+    with pytest.raises(vitidle.VitidleError, match=r"num_keep must be a whole number of image tokens in 1\.\.16"):
+        model.blocks[1].selector.num_keep = value
+    assert model.blocks[1].selector.num_keep == 8
+
+
+def test_fx_trace_and_eager_agree_at_every_allowed_num_keep():
+    model = converted().eval()
+    x = torch.randn(2, 3, 64, 64)
+    for k in (1, 16):
+        for selector in vitidle.idle_selectors(model):
+            selector.num_keep = k
+        traced = torch.fx.symbolic_trace(model, concrete_args={"attn_mask": None, "is_causal": False})
+        with torch.no_grad():
+            assert torch.equal(traced(x), model(x))
+
+
+def test_recording_attention_without_gradients_in_training_is_refused():
+    import timm.layers
+
+    model = converted().train()
+    model.set_grad_checkpointing(True)
+    for selector in vitidle.idle_selectors(model):
+        selector.record_attention = True
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()  # timm's default, non-reentrant checkpointing records with gradients
+    assert model.blocks[1].selector.attention_logits.requires_grad
+    timm.layers.set_reentrant_ckpt(True)
+    try:
+        with pytest.raises(RuntimeError, match="reentrant checkpointing"):
+            model(x)
+    finally:
+        timm.layers.set_reentrant_ckpt(False)
+    with torch.no_grad():
+        model.eval()(x)  # eval mode records for a look at the attention, without gradients
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated
+def test_torch_jit_script_names_what_to_use_instead():
+    with pytest.raises(RuntimeError, match="torch.export.export, torch.compile"):
+        torch.jit.script(converted())

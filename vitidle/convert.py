@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,7 @@ def convert(
             models.load_weights(model, weights)
     layout = discover(model)
     if model_kwargs is None:
-        model_kwargs = size_kwargs(model, layout)
+        model_kwargs = model_kwargs_of(model, layout)
     depth = len(layout.blocks)
     if isinstance(plan, IdlePlan):
         idle_plan = plan
@@ -71,12 +72,21 @@ def convert(
     return model
 
 
-def size_kwargs(model: nn.Module, layout) -> dict[str, Any]:
-    """The timm kwargs most often overridden (depth, img_size, num_classes), read off a model object.
-
-    `save` checks that they rebuild the same architecture and otherwise asks for `model_kwargs`.
+def model_kwargs_of(model: nn.Module, layout) -> dict[str, Any]:
+    """The timm kwargs a model object was built with, as far as it tells: timm's record of them
+    (`model._model_args`, timm >= 1.0.2x; values JSON can hold), then the sizes read off the model
+    (depth, img_size, num_classes). `save` checks that they rebuild the same modules and outputs, and
+    otherwise asks for `model_kwargs`.
     """
-    kwargs: dict[str, Any] = {"depth": len(layout.blocks)}
+    kwargs: dict[str, Any] = {}
+    for key, value in (getattr(model, "_model_args", None) or {}).items():
+        if key in models.RESERVED_KWARGS:
+            continue
+        try:
+            kwargs[key] = json.loads(json.dumps(value))  # tuples become lists, as vitidle.json keeps them
+        except (TypeError, ValueError):  # a class or function (act_layer=...): save will ask for model_kwargs
+            continue
+    kwargs["depth"] = len(layout.blocks)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:
         kwargs["img_size"] = list(img_size)

@@ -44,3 +44,8 @@ class ParityError(OnnxError):
         super().__init__(message)
         self.max_diff = max_diff
         self.atol = atol
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (fx and exporters append dumps), or its type's name."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .engine.discover import evaluating, input_size
-from .errors import OnnxError, ParityError, UsageError
+from .errors import OnnxError, ParityError, UsageError, first_line
 from .io import parents_removed_on_error
 
 INPUT_NAME = "pixel_values"
@@ -181,7 +181,7 @@ def _export(model: nn.Module, out: Path, opset: int, legacy: bool, external_data
     except Exception as e:  # the exporters raise many types; the message is what matters
         hint = "" if legacy else "; try --legacy (the TorchScript exporter)"
         raise OnnxError(f"the {'TorchScript' if legacy else 'dynamo'} exporter failed: {type(e).__name__}: "
-                        f"{_first_line(e)}{hint}") from e
+                        f"{first_line(e)}{hint}") from e
 
 
 def check_onnx(
@@ -209,7 +209,7 @@ def check_onnx(
         onnx.checker.check_model(str(path), full_check=True)
         session = ort_session(path)
     except Exception as e:
-        raise OnnxError(f"{path} is not a valid ONNX model: {type(e).__name__}: {_first_line(e)}") from e
+        raise OnnxError(f"{path} is not a valid ONNX model: {type(e).__name__}: {first_line(e)}") from e
     expected = [output_name(model)]
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
@@ -231,7 +231,7 @@ def check_onnx(
             try:
                 got = session.run(None, {INPUT_NAME: x.numpy()})[0]
             except Exception as e:
-                raise OnnxError(f"onnxruntime cannot run {path} on a batch of {len(x)}: {_first_line(e)}") from e
+                raise OnnxError(f"onnxruntime cannot run {path} on a batch of {len(x)}: {first_line(e)}") from e
             if got.shape != expect.shape:
                 raise ParityError(f"ONNX parity failed {where}: output shape {list(got.shape)}, PyTorch's "
                                   f"{list(expect.shape)}")
@@ -274,7 +274,3 @@ def _input_config(model: nn.Module) -> dict:
     from .convert import data_config
 
     return data_config(model)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
 
+from .errors import UsageError
+
 SELECTOR = "selector"  # a rewritten block's TokenSelector, by name
 # norms that act on each token alone (timm's RMS norms are not nn.RMSNorm; SimpleNorm is newer than timm 1.0.9)
 PER_TOKEN_NORMS = tuple(n for n in (nn.LayerNorm, nn.RMSNorm, *(getattr(timm.layers, name, None) for name in (
@@ -28,9 +30,15 @@ class TokenSelector(nn.Module):
 
     A token's score is the head-mean pre-softmax attention logit of the class token's query (the
     mean query, for models without a class token) against that token's key, in the layer's own
-    attention, after the layer's norm. Returns the kept tokens as rows of the flattened (B * N, C)
-    tokens, (B * (P + K),), for `gather_tokens` and `merge_tokens`. Their order within an image is
-    arbitrary: a block without positional terms is permutation-equivariant, and the merge restores it.
+    attention, after the layer's norm. `forward` takes the normed tokens and the attention's query
+    and key projection modules (one fused qkv Linear, or two) and returns the kept tokens as rows of
+    the flattened (B * N, C) tokens, (B * (P + K),), for `gather_tokens` and `merge_tokens`. Their
+    order within an image is arbitrary: a block without positional terms is permutation-equivariant,
+    and the merge restores it.
+
+    Plain `nn.Linear` projections are scored in O(N·C) from their weights (docs/method.md). A wrapped
+    projection (a LoRA adapter, a quantized or hooked Linear) is scored by calling it on every token,
+    so the score is what the adapted layer computes.
 
     With `frozen = True` (`freeze`), eval forwards read one cached C×C product of the weights
     (W_qᵀ W_k, not in the state dict) instead of W_q and W_k. It is formed again when a weight's
@@ -43,9 +51,9 @@ class TokenSelector(nn.Module):
     `attention_logits` (B, N, N: head-mean pre-softmax logits of all tokens), at the cost of
     projecting queries and keys of every token.
 
-    >>> sel = TokenSelector(num_keep=2, num_prefix=1, num_heads=1, scale=1.0)
-    >>> x = torch.randn(1, 5, 8)
-    >>> sel(x, torch.eye(8), None, torch.eye(8), None).shape
+    >>> sel = TokenSelector(num_keep=2, num_prefix=1, num_patches=4, num_heads=1, scale=1.0)
+    >>> proj = nn.Linear(8, 8)
+    >>> sel(torch.randn(1, 5, 8), proj, proj).shape
     torch.Size([3])
     """
 
@@ -53,6 +61,7 @@ class TokenSelector(nn.Module):
         self,
         num_keep: int,
         num_prefix: int,
+        num_patches: int,
         num_heads: int,
         scale: float,
         query: str = "cls",
@@ -62,13 +71,13 @@ class TokenSelector(nn.Module):
         super().__init__()
         if query not in ("cls", "mean"):
             raise ValueError(f"query must be 'cls' or 'mean', got {query!r}")
-        self.num_keep = num_keep
         self.num_prefix = num_prefix
+        self.num_patches = num_patches
+        self.num_keep = num_keep
         self.num_heads = num_heads
         self.scale = scale
         self.query = query
-        # rows of the weights passed in that hold the query / key projection (a fused qkv weight comes whole:
-        # slicing a parameter outside this module would hand module hooks a grad-less view)
+        # output features of the projection modules that hold the query / key (a fused qkv Linear's thirds)
         self.q_rows = q_rows or slice(None)
         self.k_rows = k_rows or slice(None)
         self.record_attention = False
@@ -78,41 +87,55 @@ class TokenSelector(nn.Module):
         self._product_cache: tuple | None = None
         self._prefix_cache: Tensor | None = None
 
+    @property
+    def num_keep(self) -> int:
+        """Image tokens kept: a whole number in 1..num_patches (checked here, so eager and traced models agree)."""
+        return self._num_keep
+
+    @num_keep.setter
+    def num_keep(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.num_patches:
+            raise UsageError(f"num_keep must be a whole number of image tokens in 1..{self.num_patches}, got {value!r}")
+        self.__dict__["_num_keep"] = value
+
     def extra_repr(self) -> str:
         return f"num_keep={self.num_keep}, num_prefix={self.num_prefix}, query={self.query!r}"
 
-    def forward(
-        self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor, k_bias: Tensor | None
-    ) -> Tensor:
+    def forward(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module) -> Tensor:
         B, N, C = x_norm.shape
         traced = isinstance(x_norm, fx.Proxy)  # fx.symbolic_trace of a converted model: no branch on shapes
         # eval mode caches what does not change from image to image; training and tracers recompute it
         cached = not (self.training or traced or torch.jit.is_tracing() or torch.compiler.is_compiling()
                       or torch._C._are_functorch_transforms_active())  # torch.func's tensors must not be kept
+        plain = _is_plain_linear(q_proj) and (k_proj is q_proj or _is_plain_linear(k_proj))
         if self.record_attention:
-            logits = self._record(x_norm, q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows],
-                                  _rows(k_bias, self.k_rows))
+            if self.training and not torch.is_grad_enabled():
+                raise RuntimeError(
+                    "TokenSelector.record_attention in training mode needs gradients, and this forward runs without "
+                    "them (reentrant checkpointing, e.g. timm.layers.set_reentrant_ckpt(True), or torch.no_grad): "
+                    "the token cut loss would get no gradient. Use non-reentrant checkpointing (timm's default), "
+                    "or eval mode, or set record_attention = False")
+            logits = self._record(x_norm, q_proj, k_proj, plain)
             scores = logits.detach() + self._prefix_bias(x_norm, cached)
         elif torch.is_grad_enabled():
             with torch.no_grad():
-                scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
+                scores = self._scores(x_norm, q_proj, k_proj, plain, cached)
         else:  # entering no_grad costs ~1 µs, a share of a batch-1 layer's dispatch
-            scores = self._scores(x_norm, q_weight, q_bias, k_weight, cached)
-        # min(): token dropout (patch_drop) or a raised num_keep may leave fewer tokens than P + K
-        num_kept = self.num_prefix + self.num_keep if traced else min(self.num_prefix + self.num_keep, N)
+            scores = self._scores(x_norm, q_proj, k_proj, plain, cached)
+        num_kept = self.num_prefix + self.num_keep
+        if self.training and not traced:  # token dropout (patch_drop) may leave fewer tokens than P + K
+            num_kept = min(num_kept, N)
         index = scores.topk(num_kept, dim=1, sorted=False).indices  # B, P + K
         if not traced:
             self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels. At batch 1 the
         # rows are the positions: skipping the offsets saves ~0.25 ms of 28 ms (DeiT-S, keep 0.5).
-        # Export with a batch of 2 or more (as torch.export's dynamic dims assume) to keep the general path.
         if _one_image(x_norm):
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
-    def _scores(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
-                cached: bool) -> Tensor:
+    def _scores(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module, plain: bool, cached: bool) -> Tensor:
         """(B, N) scores, +inf at the prefix tokens.
 
         Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own time:
@@ -120,8 +143,12 @@ class TokenSelector(nn.Module):
         so they do not change the ranking.
         """
         prefix = self._prefix_bias(x_norm, cached)  # N: +inf at prefix tokens, which are always kept
+        if not plain:  # a wrapped projection: score with what it computes, from every token's key
+            q, k = self._project(x_norm, q_proj, k_proj)
+            query = q[:, 0] if self.query == "cls" else q.mean(1)  # B, A
+            return torch.baddbmm(prefix, query.unsqueeze(1), k.transpose(1, 2)).squeeze(1)  # B, N
         query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
-        u = self._query_to_key(query, q_weight, q_bias, k_weight, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
+        u = self._query_to_key(query, q_proj, k_proj, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
         if _one_image(x_norm):
             return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
         # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
@@ -136,14 +163,14 @@ class TokenSelector(nn.Module):
             self._prefix_cache = bias if cached else None
         return bias
 
-    def _query_to_key(self, query: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
-                      cached: bool) -> Tensor:
-        """W_kᵀ (W_q x + b_q) for each query x (B, C), from the weights passed to `forward`.
+    def _query_to_key(self, query: Tensor, q_proj: nn.Module, k_proj: nn.Module, cached: bool) -> Tensor:
+        """W_kᵀ (W_q x + b_q) for each query x (B, C), from the weights of the plain Linear projections.
 
         Frozen, in eval mode, it reads one cached C×C product W_qᵀ W_k instead of W_q and W_k, which
         halves the scorer's weight traffic. An ONNX export computes the product in the graph, from
         the weights, and onnxruntime folds it into a constant when it loads the model.
         """
+        q_weight, q_bias, k_weight = q_proj.weight, q_proj.bias, k_proj.weight
         product = self._cached_product(q_weight, q_bias, k_weight) if cached else None
         if product is not None:
             return _times(query, *product)
@@ -183,13 +210,33 @@ class TokenSelector(nn.Module):
         # caches are rebuilt when needed; the recorded logits hold a graph (deepcopy refuses non-leaf tensors)
         return {**super().__getstate__(), "_product_cache": None, "_prefix_cache": None, "attention_logits": None}
 
-    def _record(self, x_norm: Tensor, q_weight: Tensor, q_bias: Tensor | None, k_weight: Tensor,
-                k_bias: Tensor | None) -> Tensor:
-        q = F.linear(x_norm, q_weight, q_bias)  # B, N, A
-        k = F.linear(x_norm, k_weight, k_bias)  # B, N, A
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: fail with the way out, not a parse error
+        raise RuntimeError("a vitidle-converted model cannot be compiled with torch.jit.script (TorchScript cannot "
+                           "compile fx-rewritten blocks, and is deprecated): use torch.export.export, torch.compile, "
+                           "torch.jit.trace, or `vitidle export --onnx`")
+
+    def _project(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module) -> tuple[Tensor, Tensor]:
+        """Queries and keys (B, N, A) of every token, by calling the projection modules."""
+        q = q_proj(x_norm)
+        k = q if k_proj is q_proj else k_proj(x_norm)
+        return q[..., self.q_rows], k[..., self.k_rows]
+
+    def _record(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module, plain: bool) -> Tensor:
+        if plain:
+            q = F.linear(x_norm, q_proj.weight[self.q_rows], _rows(q_proj.bias, self.q_rows))  # B, N, A
+            k = F.linear(x_norm, k_proj.weight[self.k_rows], _rows(k_proj.bias, self.k_rows))  # B, N, A
+        else:
+            q, k = self._project(x_norm, q_proj, k_proj)
         # mean over heads of scale * q_h · k_h == (scale / H) * q · k over all heads' dims
         self.attention_logits = (q @ k.transpose(1, 2)) * (self.scale / self.num_heads)  # B, N, N
         return self.attention_logits[:, 0] if self.query == "cls" else self.attention_logits.mean(1)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """Whether `module` computes x Wᵀ + b from its `weight` and `bias`: an nn.Linear (or a parametrized one)
+    that no adapter, quantization wrapper or hook changes."""
+    return type(module).forward is nn.Linear.forward and not (module._forward_hooks or module._forward_pre_hooks)
 
 
 def _rows(bias: Tensor | None, rows: slice) -> Tensor | None:
@@ -237,8 +284,9 @@ def merge_tokens(x: Tensor, rows: Tensor, y: Tensor, into_x: bool = False) -> Te
 
 
 def _one_image(x: Tensor) -> bool:
-    # fx re-traces a rewritten block when it is unpickled: no branch on a traced shape
-    return not isinstance(x, fx.Proxy) and x.shape[0] == 1
+    # no branch on a traced shape: fx re-traces a rewritten block when it is unpickled, and a
+    # torch.jit.trace at batch 1 (the legacy ONNX exporter) would bake in batch 1
+    return not (isinstance(x, fx.Proxy) or torch.jit.is_tracing()) and x.shape[0] == 1
 
 
 class IdleSequential(nn.Sequential):

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,59 +17,94 @@ from torch import nn
 
 from .engine.discover import evaluating, sample_input
 from .engine.plan import IdlePlan
-from .engine.rewrite import config_of, num_keep_of
-from .errors import CheckpointError, UsageError
+from .engine.rewrite import config_of, num_keep_of, unwrap
+from .errors import CheckpointError, UsageError, first_line
 from .idle import SELECTOR
+from .models import check_model_kwargs
 
 WEIGHTS = "model.safetensors"
 CONFIG = "vitidle.json"
+SAVE_ID = "vitidle_save_id"  # in the weights' metadata; the config's "save_id" must match it
 
 
 def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write a converted model to `folder`; an existing model folder is replaced only with `force=True`.
+    """Write a converted model to `folder` as `model.safetensors` and `vitidle.json`.
 
-    Everything is written to a temporary folder beside it first, then renamed into place, so a
-    crash never leaves a half-written model or loses the old one. `force` replaces a model folder
-    or an empty one, never a folder of other files. A link to a folder keeps pointing to the new
-    model. The saved plan holds each block's current `selector.num_keep`.
+    A new folder is written beside its destination and renamed into place, so a crash leaves no
+    half-written model. An existing folder is written only with `force=True`, and only if it is a
+    model folder or empty: each of the two files is written to a temporary file in it, synced, and
+    renamed over the old one. Nothing else in the folder is touched (an exported model.onnx, a run's
+    checkpoints, notes). The two files carry one save id, so `load` can tell a pair that an
+    interrupted save mixed. A link to a folder writes where it points. The saved plan holds each
+    block's current `selector.num_keep`. A model wrapped by torch.compile, DDP or DataParallel is saved
+    as the model inside.
     """
+    model = unwrap(model)
     given, folder = Path(folder), check_destination(folder, force)
     config = copy.deepcopy(config_of(model))
     config["plan"]["num_keep"] = num_keep_of(model)
     check_rebuild(model, config)
-    tmp = folder.with_name(f".{folder.name}.new-{uuid.uuid4().hex[:8]}")
+    config["save_id"] = uuid.uuid4().hex
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
         with parents_removed_on_error(folder):
-            tmp.mkdir(parents=True)  # not mkdtemp: the folder gets the umask's mode, not 0700
-            try:
-                state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-                save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-                (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-                swap_in(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # after a swap it is gone already
+            if folder.exists():
+                replace_model_files(folder, state, config)
+            else:
+                tmp = folder.with_name(f".{folder.name}.new-{uuid.uuid4().hex[:8]}")
+                tmp.mkdir(parents=True)  # not mkdtemp: the folder gets the umask's mode, not 0700
+                try:
+                    write_model_files(tmp, state, config)
+                    tmp.rename(folder)
+                    fsync(folder.parent)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
     except OSError as e:
         raise UsageError(f"cannot write {folder}: {e.strerror or e}") from e
     return given
 
 
-def swap_in(new: Path, folder: Path) -> None:
-    """Rename the folder `new` to `folder`; an existing `folder` is removed only once `new` is in place."""
-    if not folder.exists():
-        new.rename(folder)
-        return
-    old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-    folder.rename(old)
+def write_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict, prefix: str = "") -> list[Path]:
+    """Write `prefix + model.safetensors` and `prefix + vitidle.json` into `folder`, each synced to disk."""
+    weights, config_file = folder / (prefix + WEIGHTS), folder / (prefix + CONFIG)
+    save_file(state, weights, metadata={"format": "pt", SAVE_ID: config["save_id"]})
+    os.chmod(weights, 0o666 & ~umask())  # safetensors writes 0600; a shared model folder must stay readable
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    for path in (weights, config_file):
+        fsync(path)
+    return [weights, config_file]
+
+
+def replace_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
+    """Replace the model files of an existing folder, each by a rename; the weights first, the config last."""
+    written = write_model_files(folder, state, config, prefix=f".{uuid.uuid4().hex[:8]}.")
     try:
-        new.rename(folder)
-    except BaseException:
-        old.rename(folder)
-        raise
+        for path, name in zip(written, (WEIGHTS, CONFIG)):
+            os.replace(path, folder / name)
+        fsync(folder)
+    finally:
+        for path in written:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask sets it to read it)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's content to disk (a rename is only durable once its folder is synced)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        shutil.rmtree(old)
-    except OSError as e:  # the new model is in place: saving did not fail
-        warnings.warn(f"the new model is in {folder}, but the old one could not be removed from {old}: "
-                      f"{e.strerror or e}", stacklevel=3)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -124,7 +158,8 @@ def rebuild(config: dict) -> nn.Module:
 
 
 def check_rebuild(model: nn.Module, config: dict) -> None:
-    """Refuse to save what `load` would not rebuild: the config must give the same model, outputs included."""
+    """Refuse to save what `load` would not rebuild: the config must give the same modules (training
+    settings such as drop path and dropout rates included) and the same outputs."""
     base, kwargs = config["base_model"], config.get("model_kwargs") or {}
     hint = "pass model_kwargs to vitidle.convert with the arguments the model was created with"
     if not base:
@@ -134,6 +169,9 @@ def check_rebuild(model: nn.Module, config: dict) -> None:
         fresh.load_state_dict(model.state_dict())
     except Exception as e:
         raise UsageError(f"cannot save: {base}(**{kwargs}) builds a different model ({type(e).__name__}); {hint}") from e
+    for (name, got), (_, want) in zip(module_settings(fresh), module_settings(model)):
+        if got != want:
+            raise UsageError(f"cannot save: {base}(**{kwargs}) builds {name or 'the model'} as {got}, not {want}; {hint}")
     x = sample_input(fresh, batch_size=2)
     param = next(model.parameters())
     with evaluating(model), evaluating(fresh), torch.no_grad():
@@ -142,6 +180,11 @@ def check_rebuild(model: nn.Module, config: dict) -> None:
                                        check_dtype=False)
         except AssertionError:
             raise UsageError(f"cannot save: {base}(**{kwargs}) computes differently from this model; {hint}") from None
+
+
+def module_settings(model: nn.Module) -> list[tuple[str, str]]:
+    """Each module's name and its class with its settings (`DropPath(drop_prob=0.300)`): what eval outputs hide."""
+    return [(name, f"{type(m).__name__}({m.extra_repr()})") for name, m in model.named_modules()]
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -153,8 +196,11 @@ def read_config(folder: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
         base = config["base_model"]
         IdlePlan(config["plan"]["keep"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {e}") from e
+        check_model_kwargs(config.get("model_kwargs") or {})
+        if not (isinstance(config["layout"]["blocks"], list) and all(isinstance(b, str) for b in config["layout"]["blocks"])):
+            raise TypeError("layout.blocks must be a list of block names")
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: arrays nested 1000s deep
+        raise CheckpointError(f"{path} is corrupt: {type(e).__name__}: {first_line(e)}") from e
     except UsageError as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
     if not base:
@@ -183,18 +229,55 @@ def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
     >>> hasattr(vitidle.load(d, dense=True), "vitidle_config")
     False
     """
-    from .models import create, load_weights
+    import timm
+
+    from .models import create, load_weights, resolve_name, state_dict_mismatch
 
     config = read_config(folder)
-    try:
-        if dense:
-            model = create(config["base_model"], pretrained=False, **(config.get("model_kwargs") or {}))
-        else:
-            model = rebuild(config)
+    weights = Path(folder) / WEIGHTS
+    shapes = read_weights_header(weights, config.get("save_id"))
+    blocks, kwargs = config["layout"]["blocks"], config.get("model_kwargs") or {}
+    if kwargs.get("depth", len(blocks)) != len(blocks) or not all(any(k.startswith(f"{b}.") for k in shapes)
+                                                                  for b in blocks):
+        raise CheckpointError(f"{Path(folder) / CONFIG} is corrupt: its blocks ({len(blocks)}, depth "
+                              f"{kwargs.get('depth')}) are not those of the weights in {weights}")
+    try:  # on the meta device first: a config edited to build a huge model fails here, before any memory is used
+        with torch.device("meta"):
+            skeleton = timm.create_model(resolve_name(config["base_model"]), pretrained=False, **kwargs)
     except Exception as e:  # a config edited by hand can fail in many ways; all mean the folder is bad
-        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: {e}") from e
-    load_weights(model, Path(folder) / WEIGHTS)
+        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
+    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
+    if problem:
+        raise CheckpointError(f"weights in {weights} do not fit {config['base_model']}: {problem}")
+    try:
+        model = create(config["base_model"], pretrained=False, **kwargs) if dense else rebuild(config)
+    except Exception as e:
+        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
+    load_weights(model, weights)
     return model.eval()
+
+
+def read_weights_header(path: Path, save_id: str | None) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in a safetensors file's header, read without reading the tensors.
+
+    Also checks that the file comes from the same save as the config that names `save_id`.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            file_id = (f.metadata() or {}).get(SAVE_ID)
+    except Exception as e:  # corrupt headers surface as several error types
+        raise CheckpointError(f"cannot read weights from {path}: not a valid checkpoint ({type(e).__name__})") from e
+    if save_id and file_id and save_id != file_id:
+        raise CheckpointError(f"{path} and the {CONFIG} beside it come from different saves (an interrupted save?); "
+                              "save the model again")
+    return shapes
 
 
 def find_model(directory: str | os.PathLike = ".") -> tuple[Path, int]:

@@ -73,6 +73,7 @@ def create(
     import timm
 
     full = resolve_name(name)
+    check_model_kwargs(model_kwargs)
     try:  # on the meta device: a bad keyword argument fails here in milliseconds, before any download
         with torch.device("meta"):
             timm.create_model(full, pretrained=False, **model_kwargs)
@@ -97,6 +98,27 @@ def create(
         ) from e
     finally:
         hub.HF_HUB_OFFLINE = offline
+
+
+# timm.create_model's own arguments and the device: where weights come from and where they live are
+# chosen by vitidle's own options (a saved vitidle.json must not make timm read a path it names)
+RESERVED_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
+                             "scriptable", "exportable", "no_jit", "device", "dtype"})
+
+
+def check_model_kwargs(kwargs: dict) -> dict:
+    """`kwargs` for timm.create_model if they only shape the architecture; else UsageError naming the ones that do not.
+
+    >>> check_model_kwargs({"depth": 6})
+    {'depth': 6}
+    """
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise UsageError(f"model arguments must map names to values, got {kwargs!r}"[:200])
+    reserved = sorted(RESERVED_KWARGS & set(kwargs))
+    if reserved:
+        raise UsageError(f"model argument(s) {', '.join(reserved)} cannot be given: weights come from --weights / "
+                         "--no-pretrained (vitidle.convert's weights / pretrained), the device from .to()")
+    return kwargs
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -133,17 +155,23 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a dense or converted checkpoint into `model` (their keys are the same), strictly."""
     state = read_state_dict(path)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = [
-            f"{len(keys)} {what} (e.g. {keys[0]})"
-            for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
-            if keys
-        ]
-        raise CheckpointError(f"weights in {path} do not fit {type(model).__name__}: {', '.join(parts)}")
+    problem = state_dict_mismatch({k: v.shape for k, v in model.state_dict().items()},
+                                  {k: v.shape for k, v in state.items()})
+    if problem:
+        raise CheckpointError(f"weights in {path} do not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state)
     return model
+
+
+def state_dict_mismatch(own: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+    """How the shapes of a state dict differ from a model's, in a few words; None where they fit."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = sorted(k for k in set(own) & set(given) if tuple(own[k]) != tuple(given[k]))
+    parts = [
+        f"{len(keys)} {what} (e.g. {keys[0]})"
+        for what, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+        if keys
+    ]
+    return ", ".join(parts) or None
 

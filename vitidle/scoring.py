@@ -10,6 +10,7 @@ embeddings take extra arguments and are refused by `discover` as not a plain cha
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
@@ -18,21 +19,17 @@ from .errors import UnsupportedModelError
 
 
 @dataclass(frozen=True)
-class ParamSlice:
-    """A parameter of the attention module (dotted path), optionally only some of its rows."""
-
-    path: str
-    rows: slice | None = None
-
-
-@dataclass(frozen=True)
 class QueryKey:
-    """The query and key projections of one attention module, and its logit scale."""
+    """Where one attention module projects queries and keys, and its logit scale.
 
-    q_weight: ParamSlice
-    q_bias: ParamSlice | None
-    k_weight: ParamSlice
-    k_bias: ParamSlice | None
+    `q_proj` / `k_proj` are child modules (dotted paths; the same fused `qkv` Linear for both, or two
+    Linears); `q_rows` / `k_rows` are the output features that hold the query / key.
+    """
+
+    q_proj: str
+    k_proj: str
+    q_rows: slice | None
+    k_rows: slice | None
     num_heads: int
     scale: float
 
@@ -54,8 +51,9 @@ def query_key(attn: nn.Module, name: str = "attention") -> QueryKey:
     """Describe the query/key projections of `attn`, or raise `UnsupportedModelError` saying why.
 
     >>> from timm.layers import Attention
-    >>> query_key(Attention(64, num_heads=4, qkv_bias=True)).k_weight
-    ParamSlice(path='qkv.weight', rows=slice(64, 128, None))
+    >>> qk = query_key(Attention(64, num_heads=4, qkv_bias=True))
+    >>> qk.k_proj, qk.k_rows
+    ('qkv', slice(64, 128, None))
     """
     if not is_attention(attn):
         raise UnsupportedModelError(f"{name} ({type(attn).__name__}) is not a qkv attention module")
@@ -70,15 +68,9 @@ def query_key(attn: nn.Module, name: str = "attention") -> QueryKey:
     num_heads = attn.num_heads
     if isinstance(getattr(attn, "qkv", None), nn.Linear):
         dim = attn.qkv.out_features // 3
-        bias = attn.qkv.bias is not None
-        q_rows, k_rows = slice(0, dim), slice(dim, 2 * dim)
-        q_w, k_w = ParamSlice("qkv.weight", q_rows), ParamSlice("qkv.weight", k_rows)
-        q_b = ParamSlice("qkv.bias", q_rows) if bias else None
-        k_b = ParamSlice("qkv.bias", k_rows) if bias else None
+        qk = QueryKey("qkv", "qkv", slice(0, dim), slice(dim, 2 * dim), num_heads, 0.0)
     else:
         dim = attn.q_proj.out_features
-        q_w, k_w = ParamSlice("q_proj.weight"), ParamSlice("k_proj.weight")
-        q_b = ParamSlice("q_proj.bias") if attn.q_proj.bias is not None else None
-        k_b = ParamSlice("k_proj.bias") if attn.k_proj.bias is not None else None
+        qk = QueryKey("q_proj", "k_proj", None, None, num_heads, 0.0)
     scale = float(getattr(attn, "scale", (dim // num_heads) ** -0.5))
-    return QueryKey(q_w, q_b, k_w, k_b, num_heads, scale)
+    return dataclasses.replace(qk, scale=scale)

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from ..errors import ConversionError, UnsupportedModelError
+from ..errors import ConversionError, UnsupportedModelError, first_line
 from ..idle import TokenSelector
 from ..scoring import is_attention, query_key
 
@@ -123,6 +122,21 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     )
 
 
+class ShapeRecorder(fx.Interpreter):
+    """Runs a graph and records each tensor's shape in `node.meta["shape"]` (fx's ShapeProp prints a
+    traceback of its own on a failure; this one raises the error as it came)."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.extra_traceback = False  # no node dump appended to the error's message
+
+    def run_node(self, n: fx.Node):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["shape"] = tuple(result.shape)
+        return result
+
+
 def discover(model: nn.Module) -> ViTLayout:
     """Find the block chain and token layout of `model` by tracing it.
 
@@ -153,12 +167,13 @@ def discover(model: nn.Module) -> ViTLayout:
 
     try:
         with evaluating(model), torch.no_grad():
-            ShapeProp(gm).propagate(sample_input(model))
+            ShapeRecorder(gm).run(sample_input(model))
     except Exception as e:
-        raise ConversionError(f"pass discover: a sample forward through {name} failed: {e}") from e
-    shape_in = tuple(nodes[0].args[0].meta["tensor_meta"].shape)
+        raise ConversionError(f"pass discover: a sample forward through {name} failed: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
+    shape_in = nodes[0].args[0].meta["shape"]
     for node in nodes:
-        shape_out = tuple(node.meta["tensor_meta"].shape)
+        shape_out = node.meta["shape"]
         if len(shape_out) != 3 or shape_out != shape_in:
             raise UnsupportedModelError(
                 f"pass discover: block {node.target} maps {shape_in} to {shape_out}; "

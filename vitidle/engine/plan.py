@@ -81,10 +81,20 @@ class IdlePlan:
         # the epsilon keeps 196 * 0.7**2 from landing just under an integer it should reach
         return [None if k is None else max(1, int(num_patches * k + 1e-6)) for k in self.keep]
 
-    def describe(self, num_patches: int) -> str:
-        """One line, e.g. 'blocks 3-5: keep 0.7 (137 tokens), 6-8: 0.49 (96), 9-11: 0.343 (67)'."""
+    def describe(self, num_patches: int, num_keep: list[int | None] | None = None) -> str:
+        """One line, e.g. 'blocks 3-5: 0.7 (137), 6-8: 0.49 (96), 9-11: 0.343 (67) [...]'.
+
+        With `num_keep` (the counts the model runs now, `rewrite.num_keep_of`), a count moved away from
+        the plan's is shown with its own ratio.
+
+        >>> IdlePlan((None, 0.5, 0.5)).describe(16, [None, 8, 2])
+        'blocks 1: 0.5 (8), 2: 0.125 (2) [block: keep (image tokens kept)]'
+        """
+        planned = self.num_keep(num_patches)
+        counts = planned if num_keep is None else num_keep
+        ratios = [r if n == p else (None if n is None else n / num_patches) for r, n, p in zip(self.keep, counts, planned)]
         runs: list[list] = []
-        for i, (k, n) in enumerate(zip(self.keep, self.num_keep(num_patches))):
+        for i, (k, n) in enumerate(zip(ratios, counts)):
             if k is None:
                 continue
             if runs and runs[-1][1] == i - 1 and runs[-1][2] == k:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ConversionError
 from ..idle import PER_TOKEN_NORMS, SELECTOR, IdleSequential, TokenSelector, gather_tokens, merge_tokens
-from ..scoring import ParamSlice, QueryKey, is_attention, query_key
+from ..scoring import QueryKey, is_attention, query_key
 from .discover import ViTLayout, trace
 from .plan import IdlePlan
 
@@ -42,28 +42,22 @@ def find_attention(gm: fx.GraphModule) -> tuple[fx.Node, fx.Node, fx.Node]:
     return x, attn, src
 
 
-def _param(graph: fx.Graph, owner: str, p: ParamSlice | None, seen: dict[str, fx.Node]) -> fx.Node | None:
-    if p is None:
-        return None
-    if p.path not in seen:
-        seen[p.path] = graph.get_attr(f"{owner}.{p.path}")
-    return seen[p.path]
-
-
 def insert_token_selection(
     gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node, qk: QueryKey
 ) -> fx.Node:
     """Insert the selector and the gather of kept tokens; every former use of x reads the kept tokens.
 
+    The selector gets the attention's projection modules, not their weights: it scores with
+    whatever they are when it runs (an adapter or wrapper put on them after the conversion included).
     Returns the index node (flat rows of the kept tokens) for the passes after it.
     """
     graph = gm.graph
     first_use = next(n for n in graph.nodes if x in n.all_input_nodes)
     with graph.inserting_before(first_use):
         x_norm = x if attn_input is x else graph.call_module(attn_input.target, (x,))
-        seen: dict[str, fx.Node] = {}
-        params = [_param(graph, attn.target, p, seen) for p in (qk.q_weight, qk.q_bias, qk.k_weight, qk.k_bias)]
-        index = graph.call_module(SELECTOR, (x_norm, *params))
+        q_proj = graph.get_attr(f"{attn.target}.{qk.q_proj}")
+        k_proj = q_proj if qk.k_proj == qk.q_proj else graph.get_attr(f"{attn.target}.{qk.k_proj}")
+        index = graph.call_module(SELECTOR, (x_norm, q_proj, k_proj))
         kept = graph.call_function(gather_tokens, (x, index))
     x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, index, kept))
     return index
@@ -98,18 +92,18 @@ def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
     output.args = (merged,)
 
 
-def idle_block(block: nn.Module, num_keep: int, num_prefix: int, query: str = "cls") -> fx.GraphModule:
+def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: int, query: str = "cls") -> fx.GraphModule:
     """Return `block` rewritten to run on the prefix tokens and its top-`num_keep` image tokens only.
 
     >>> import timm, torch
     >>> block = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32).blocks[0]
-    >>> idle_block(block, num_keep=2, num_prefix=1)(torch.randn(2, 5, 192)).shape
+    >>> idle_block(block, num_keep=2, num_prefix=1, num_patches=4)(torch.randn(2, 5, 192)).shape
     torch.Size([2, 5, 192])
     """
     gm = trace(block)
     x, attn, attn_input = find_attention(gm)
     qk = query_key(gm.get_submodule(attn.target), attn.target)
-    selector = TokenSelector(num_keep, num_prefix, qk.num_heads, qk.scale, query, qk.q_weight.rows, qk.k_weight.rows)
+    selector = TokenSelector(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
     gm.add_submodule(SELECTOR, selector.train(block.training))
     index = insert_token_selection(gm, x, attn, attn_input, qk)
     if attn_input is not x:
@@ -133,7 +127,8 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.query))
+        setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.num_patches,
+                                                  layout.query))
     chain_in_sequential(model, layout)
     return model
 
@@ -153,6 +148,7 @@ def chain_in_sequential(model: nn.Module, layout: ViTLayout) -> None:
 
 def num_keep_of(model: nn.Module) -> list[int | None]:
     """Each block's current `selector.num_keep` (None for a dense block): the plan as it runs now."""
+    model = unwrap(model)
     blocks = (model.get_submodule(name) for name in config_of(model)["layout"]["blocks"])
     return [block.selector.num_keep if isinstance(getattr(block, SELECTOR, None), TokenSelector) else None
             for block in blocks]
@@ -160,7 +156,20 @@ def num_keep_of(model: nn.Module) -> list[int | None]:
 
 def config_of(model: nn.Module) -> dict[str, Any]:
     """The vitidle config `convert` attached to a converted model."""
-    config = getattr(model, "vitidle_config", None)
+    config = getattr(unwrap(model), "vitidle_config", None)
     if config is None:
         raise ConversionError("this model was not converted by vitidle.convert (it has no vitidle_config)")
     return config
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's, DistributedDataParallel's and DataParallel's wrappers (any nesting)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
