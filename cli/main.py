@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from .finetune import finetune
+
 KEEP = click.FloatRange(0.0, 1.0, min_open=True)
 
 
@@ -29,6 +31,8 @@ def _parse_model_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 def cli(debug: bool) -> None:
     """Dynamic token idling (IdleViT) for pretrained Vision Transformers."""
 
+
+cli.add_command(finetune)
 
 CONVERSION_PARAMS = ("keep", "schedule", "plan_text", "weights", "no_pretrained", "model_arg")
 

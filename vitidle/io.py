@@ -39,8 +39,15 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     block's current `selector.num_keep`. A model wrapped by torch.compile, DDP or DataParallel is saved
     as the model inside.
     """
-    model = unwrap(model)
     given, folder = Path(folder), check_destination(folder, force)
+    write_model(model, folder)
+    return given
+
+
+def write_model(model: nn.Module, folder: Path) -> None:
+    """`save` without its checks on the destination: a new folder appears whole, an existing one (a run
+    folder, say) gets its two model files replaced, each by a rename, and keeps every other file."""
+    model = unwrap(model)
     config = copy.deepcopy(config_of(model))
     config["plan"]["num_keep"] = num_keep_of(model)
     check_rebuild(model, config)
@@ -61,7 +68,6 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
                     shutil.rmtree(tmp, ignore_errors=True)  # gone already once renamed
     except OSError as e:
         raise UsageError(f"cannot write {folder}: {e.strerror or e}") from e
-    return given
 
 
 def write_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict, prefix: str = "") -> list[Path]:
@@ -105,6 +111,18 @@ def fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file beside it: synced, renamed, the folder synced."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_bytes(data)
+        fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync(path.parent)
 
 
 @contextlib.contextmanager
