@@ -292,6 +292,58 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     click.echo(markdown_table(report["results"]))
 
 
+TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm.data.create_dataset's readers
+
+
+@cli.command("eval", epilog=MODEL_LOOKUP)
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--data", "data_name", required=True, metavar="FOLDER|fashion_mnist|NAME",
+              help="An image folder (FOLDER/validation, FOLDER/val or FOLDER itself), fashion_mnist (Debian's "
+                   "dataset-fashion-mnist files), or a timm.data name such as torch/cifar10 (with --root).")
+@click.option("--root", help="Dataset folder for fashion_mnist or a timm.data name.")
+@click.option("--split", default="validation", show_default=True, help="Split to evaluate.")
+@click.option("--dense", is_flag=True, help="Evaluate the same weights without idling: the training-free drop.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N images.")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Data loader processes.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_command(model, data_name, root, split, dense, limit, batch_size, workers, device, as_json):
+    """Top-1 / top-5 accuracy (micro average), images/s and GMACs of a model folder on labelled images."""
+    from pathlib import Path
+
+    import vitidle
+    from vitidle.bench import check_device
+    from vitidle.evaluate import evaluate
+    from vitidle.train.recipe import DataSection
+
+    folder = _model_folder(model)
+    if data_name == "fashion_mnist" or data_name.partition("/")[0] in TIMM_DATASET_PREFIXES:
+        kind = data_name
+    elif Path(data_name).is_dir():
+        kind, root = "folder", data_name
+    else:
+        raise click.BadParameter(f"{data_name}: the image folder does not exist (or name fashion_mnist, or a timm "
+                                 "dataset such as torch/cifar10)", param_hint="--data")
+    data = DataSection(dataset=kind, root=root, val_split=split, val_limit=limit)
+    net = vitidle.load(folder, dense=dense)
+    result = evaluate(net, data, batch_size=batch_size, num_workers=workers, device=str(check_device(device)),
+                      progress=not as_json)
+    result = {"model": str(folder), "weights": "dense" if dense else "idle", "data": f"{kind} {root or ''}".strip(),
+              "split": split, **result}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    _print_table([
+        ("model", f"{folder}/ ({'dense: same weights, no idling' if dense else 'idle'})"),
+        ("data", f"{result['data']} ({split}, {result['images']} images)"),
+        ("top-1", f"{result['top1']:.2f}%"),
+        ("top-5", f"{result['top5']:.2f}%"),
+        ("images/s", f"{result['images_per_s']:.1f} (batch {batch_size}, data loading included)"),
+        ("GMACs", f"{result['gmacs']:.4g} per image"),
+    ])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; errors print one line on stderr (exit 2 for usage, 1 at run time) unless --debug."""
     args = sys.argv[1:] if argv is None else argv

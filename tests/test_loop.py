@@ -1,6 +1,5 @@
 """The finetune loop on a tiny DeiT and a tiny image folder made here; the shipped recipes."""
 
-import csv
 import gzip
 import struct
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 import timm
 import torch
 import yaml
-from PIL import Image
+from conftest import TINY_KWARGS, recipe, summary
 
 import vitidle
 from vitidle.errors import UsageError
@@ -20,50 +19,6 @@ from vitidle.train.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*/*.yaml"))
-TINY_KWARGS = {"depth": 4, "img_size": 32, "patch_size": 8, "embed_dim": 64, "num_heads": 2, "num_classes": 2}
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """Two classes a ViT tells apart in a few steps: dark top half vs bright bottom half."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("validation", 8)):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(n):
-                a = rng.integers(0, 60, (32, 32, 3))
-                a[:16] += 180 if c else 0
-                a[16:] += 0 if c else 180
-                Image.fromarray(a.astype(np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
-    return root
-
-
-def recipe(folder, out, **sections):
-    data = {
-        "model": {"name": "deit_tiny", "model_kwargs": TINY_KWARGS, "keep": 0.5},
-        "data": {"root": str(folder), "auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0,
-                 "color_jitter": 0.0, "scale": [0.9, 1.0]},
-        "optim": {"lr": 1e-3, "scale_lr": False, "min_lr": 1e-4},
-        "run": {"epochs": 3, "batch_size": 8, "num_workers": 0, "output": str(out), "device": "cpu", "seed": 0},
-    }
-    for section, fields in sections.items():
-        data.setdefault(section, {}).update(fields)
-    return recipe_from_dict(data)
-
-
-def summary(out):
-    with open(out / "summary.csv") as f:
-        return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="module")
-def idle_run(folder, tmp_path_factory):
-    """A 3-epoch idle finetune with the cut loss and the teacher on (the paper's loss)."""
-    out = tmp_path_factory.mktemp("runs") / "idle"
-    torch.manual_seed(0)
-    start = loop.build_models(recipe(folder, out)).student.state_dict()
-    return loop.finetune(recipe(folder, out, model={"drop_path": 0.1}), progress=False, log=lambda s: None), start
 
 
 def test_a_few_steps_lower_the_loss(idle_run):

@@ -208,6 +208,14 @@ def build_datasets(data: DataSection, input_config: dict, seed: int = 0) -> tupl
     return out[0], out[1]
 
 
+def eval_dataset(data: DataSection, input_config: dict) -> Dataset:
+    """The eval split (`data.val_split`) with the model's eval transform, limited to `data.val_limit` images."""
+    mode = "L" if input_config["input_size"][0] == 1 else "RGB"
+    ds = raw_dataset(data, data.val_split, mode)
+    ds = Transformed(ds, transforms(data, input_config)[1], mode)
+    return Subset(ds, range(data.val_limit)) if data.val_limit is not None and data.val_limit < len(ds) else ds
+
+
 def mixup_fn(data: DataSection, num_classes: int):
     """timm's Mixup / CutMix (soft targets, label smoothing included), or None when off."""
     if not data.mixing:

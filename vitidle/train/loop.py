@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError, VitidleError
+from ..evaluate import accuracy
 from ..idle import idle_selectors, keep_mask
 from ..io import atomic_write, write_model
 from .losses import finetune_loss, token_cut_loss
@@ -262,31 +263,6 @@ class PreLogits:
         self.value = inputs[0]
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, autocast) -> tuple[float, float]:
-    """(top-1, top-5) in %, micro-averaged over the images (as timm's validate)."""
-    selectors = idle_selectors(model)
-    recording = [s.record_attention for s in selectors]
-    for s in selectors:
-        s.record_attention = False
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = seen = 0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            with autocast():
-                logits = model(x)
-            top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices  # B, 5
-            hits = top == y.unsqueeze(1)
-            correct1 += hits[:, 0].sum().item()
-            correct5 += hits.any(1).sum().item()
-            seen += len(y)
-    model.train(was_training)
-    for s, r in zip(selectors, recording):
-        s.record_attention = r
-    return 100 * correct1 / max(seen, 1), 100 * correct5 / max(seen, 1)
-
-
 def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progress: bool = True,
              log: Callable[[str], None] = print) -> Path:
     """Train `recipe` and return its run folder, a vitidle model folder with recipe.yaml and summary.csv.
@@ -368,7 +344,7 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
         if teacher is not None:
-            at["teacher_top1"] = evaluate(teacher, val_loader, device, autocast)[0]
+            at["teacher_top1"] = accuracy(teacher, val_loader, device, autocast)[0]
     if at["teacher_top1"] is not None:
         log(f"teacher     top-1 {at['teacher_top1']:.2f}% (the dense model, before training)")
 
@@ -450,7 +426,7 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
                    "images_per_s": at["images"] / max(at["seconds"], 1e-9), "seconds": at["seconds"],
                    **{k: v / micro for k, v in at["sums"].items()}, "teacher_top1": at["teacher_top1"]}
             if last or (run.eval_every and epoch % run.eval_every == 0):
-                row["top1"], row["top5"] = evaluate(student, val_loader, device, autocast)
+                row["top1"], row["top5"], _ = accuracy(student, val_loader, device, autocast)
             at["rows"].append(row)
             write_summary(out / "summary.csv", at["rows"])
             at.update(epoch=epoch + 1, micro=0, images=0, seconds=0.0, sums=dict.fromkeys(at["sums"], 0.0))
