@@ -109,25 +109,31 @@ class Transformed(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A shuffle drawn from (seed, epoch) alone, that can start part way (a resume).
+    """A shuffle drawn from (seed, epoch) alone, that can start part way (a resume); under torchrun each
+    process takes every `world`-th index from `rank` on, so the processes' batches together are the
+    batch one process would take.
 
     >>> s = EpochSampler(6, seed=0); s.set_epoch(1); full = list(s)
     >>> s.set_epoch(1, start=4); list(s) == full[4:]
     True
+    >>> halves = [EpochSampler(6, 0, rank, 2) for rank in (0, 1)]
+    >>> sorted(i for h in halves for i in (h.set_epoch(1), list(h))[1]) == sorted(full)
+    True
     """
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch, self.start = size, seed, 0, 0
+    def __init__(self, size: int, seed: int = 0, rank: int = 0, world: int = 1):
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) % 2**63)
-        return iter(torch.randperm(self.size, generator=generator)[self.start:].tolist())
+        return iter(torch.randperm(self.size, generator=generator)[self.rank :: self.world][self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(range(self.rank, self.size, self.world)) - self.start
 
 
 def normalisation(data: DataSection, input_config: dict, in_chans: int) -> tuple[tuple, tuple]:

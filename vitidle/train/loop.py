@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +123,10 @@ def build_models(recipe: Recipe, *, meta: bool = False) -> Built:
                  len(selectors), notes)
 
 
-def describe(recipe: Recipe, built: Built) -> list[tuple[str, str]]:
-    """Rows for `--dry-run` and the start of a run."""
-    global_batch = recipe.run.batch_size * recipe.run.accumulation
-    lr = peak_lr(recipe)
+def describe(recipe: Recipe, built: Built, world: int = 1) -> list[tuple[str, str]]:
+    """Rows for `--dry-run` and the start of a run (`world`: processes under torchrun)."""
+    global_batch = recipe.run.batch_size * recipe.run.accumulation * world
+    lr = peak_lr(recipe, world)
     params = sum(p.numel() for p in built.student.parameters())
     length = f"{recipe.run.epochs} epochs" if recipe.run.epochs else f"{recipe.run.steps} steps"
     rows = [
@@ -142,7 +143,8 @@ def describe(recipe: Recipe, built: Built) -> list[tuple[str, str]]:
                       + f", cosine to {recipe.optim.min_lr:g}, wd {recipe.optim.weight_decay:g}"
                       + (f", warmup {recipe.optim.warmup_epochs:g} epochs" if recipe.optim.warmup_epochs else "")
                       + (f", clip {recipe.optim.clip_grad:g}" if recipe.optim.clip_grad else "")),
-        ("run", f"{length}, global batch {global_batch} ({recipe.run.batch_size} x {recipe.run.accumulation}), "
+        ("run", f"{length}, global batch {global_batch} ({recipe.run.batch_size} x {recipe.run.accumulation}"
+                + (f" x {world} processes" if world > 1 else "") + "), "
                 f"{recipe.run.precision}, device {recipe.run.device}"),
         ("output", f"{recipe.run.output}/"),
     ]
@@ -161,9 +163,9 @@ def loss_text(recipe: Recipe, num_idle: int) -> str:
 # ---- schedule ------------------------------------------------------------------------------------------------------
 
 
-def peak_lr(recipe: Recipe) -> float:
+def peak_lr(recipe: Recipe, world: int = 1) -> float:
     """The lr after warmup: `optim.lr` × global batch / 512 (`scale_lr`), as DeiT and IdleViT scale it."""
-    global_batch = recipe.run.batch_size * recipe.run.accumulation
+    global_batch = recipe.run.batch_size * recipe.run.accumulation * world
     return recipe.optim.lr * global_batch / 512 if recipe.optim.scale_lr else recipe.optim.lr
 
 
@@ -200,7 +202,7 @@ def param_groups(model: nn.Module, weight_decay: float, frozen: list[str]) -> li
 # ---- files ---------------------------------------------------------------------------------------------------------
 
 
-def check_output(folder: Path, force: bool) -> None:
+def check_output(folder: Path, force: bool, remove: bool = True) -> None:
     """Refuse a folder that holds files unless `force` and it is a run folder (recipe.yaml or summary.csv).
 
     `force` trains again into it: recipe.yaml, summary.csv and the model files are replaced and the
@@ -218,7 +220,7 @@ def check_output(folder: Path, force: bool) -> None:
                          "reuses run folders: choose another run.output")
     from .checkpoint import checkpoints
 
-    for old in checkpoints(folder):  # the old run's: a later --resume must not pick them up
+    for old in checkpoints(folder) if remove else ():  # the old run's: a later --resume must not pick them up
         shutil.rmtree(old)
 
 
@@ -232,15 +234,6 @@ def write_summary(path: Path, rows: list[dict]) -> None:
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"run.device {name}: CUDA is not available here; use cpu or auto")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -269,46 +262,67 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
 
     `resume=True` continues the run in `run.output` from its newest checkpoint, exactly (on CPU the
     final weights are bit-identical to an uninterrupted run). SIGTERM or Ctrl-C saves a checkpoint
-    at the next step and raises KeyboardInterrupt.
+    at the next step and raises KeyboardInterrupt. Under torchrun each process trains on its shard
+    of every global batch (run.batch_size images per process), and rank 0 logs and writes.
 
     >>> out = finetune(load_recipe("recipes/fashion_mnist/keep0.7.yaml"))   # doctest: +SKIP
     >>> vitidle.load(out)                                                      # doctest: +SKIP
     """
+    from . import distributed
+
+    out = Path(recipe.run.output)
+    group = distributed.setup(recipe.run.device)
+    try:
+        return _finetune(recipe, out, group, force, resume, progress, log)
+    finally:
+        distributed.teardown(group)
+
+
+def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progress: bool,
+              log: Callable[[str], None]) -> Path:
     import yaml
     from torch.utils.data import DataLoader
 
+    from . import distributed
     from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from .data import EpochSampler, build_datasets, mixup_fn
 
-    run = recipe.run
-    out = Path(run.output)
-    latest = check_resume(out, recipe) if resume else check_output(out, force)  # before any work
-    device = resolve_device(run.device)
-    seed_everything(run.seed)
+    run, device = recipe.run, group.device
+    if not group.main:
+        log, progress = (lambda text: None), False
+    latest = check_resume(out, recipe) if resume else check_output(out, force, remove=group.main)  # before any work
+    distributed.barrier(group)
+    seed_everything(run.seed)  # the same on every process: the same random init, teacher included
     built = build_models(recipe)
     student, teacher = built.student.to(device), built.teacher
+    if group.world > 1:
+        seed_everything(run.seed + group.rank)  # each process its own mixup, drop path, ...
     train_ds, val_ds = build_datasets(recipe.data, student.vitidle_config["input"], run.seed)
     num_classes = getattr(student, "num_classes", None)
     ds_classes = getattr(train_ds, "num_classes", None)
     if ds_classes and num_classes and ds_classes > num_classes:
         raise UsageError(f"the dataset has {ds_classes} classes but the model {num_classes}: "
                          f"set model.model_kwargs.num_classes={ds_classes}")
-    sampler = EpochSampler(len(train_ds), run.seed)
+    sampler = EpochSampler(len(train_ds), run.seed, group.rank, group.world)
     # own generators: creating a loader's iterator must not draw from the global RNG (a resume creates it elsewhere)
     common = dict(batch_size=run.batch_size, num_workers=run.num_workers, pin_memory=device.type == "cuda")
     train_loader = DataLoader(train_ds, sampler=sampler, drop_last=True, generator=torch.Generator(), **common)
-    val_loader = DataLoader(val_ds, shuffle=False, generator=torch.Generator(), **common)
-    steps_per_epoch = len(train_ds) // run.batch_size // run.accumulation
+    val_loader = DataLoader(val_ds, sampler=range(group.rank, len(val_ds), group.world), generator=torch.Generator(),
+                            **common)  # each process a shard; `accuracy` sums the counts
+    steps_per_epoch = len(train_ds) // (run.batch_size * run.accumulation * group.world)
     if steps_per_epoch == 0:
         raise UsageError(f"the training set ({len(train_ds)} images) is smaller than one step "
-                         f"(run.batch_size {run.batch_size} x run.accumulation {run.accumulation})")
+                         f"(run.batch_size {run.batch_size} x run.accumulation {run.accumulation} x "
+                         f"{group.world} processes)")
     total_steps = run.steps or run.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup = round(recipe.optim.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(recipe)
+    peak = peak_lr(recipe, group.world)
 
     optimizer = torch.optim.AdamW(param_groups(student, recipe.optim.weight_decay, recipe.optim.frozen), lr=peak,
                                   betas=tuple(recipe.optim.betas), eps=recipe.optim.eps)
+    # gradients averaged over the processes; `student` stays the model itself (selectors, saving)
+    trained = nn.parallel.DistributedDataParallel(student) if group.world > 1 else student
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
 
     def autocast():
@@ -327,7 +341,7 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
         teacher = teacher.to(device)
         student_features, teacher_features = PreLogits(student), PreLogits(teacher)
 
-    for key, value in describe(recipe, built):
+    for key, value in describe(recipe, built, group.world):
         log(f"{key:<12}{value}")
     # where the run stands; a checkpoint replaces it
     at = {"step": 0, "epoch": 1, "micro": 0, "images": 0, "seconds": 0.0, "rows": [], "teacher_top1": None,
@@ -338,18 +352,28 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
         optimizer.load_state_dict(at.pop("optimizer"))
         if scaler.is_enabled():
             scaler.load_state_dict(at.pop("scaler"))
-        set_rng_state(at.pop("rng"))
+        states = at.pop("rng")
+        states = [states] if isinstance(states, dict) else states  # one per process
+        if len(states) != group.world:
+            raise UsageError(f"--resume: the run was checkpointed by {len(states)} process(es); resume it with as "
+                             f"many (torchrun --nproc_per_node {len(states)})")
+        set_rng_state(states[group.rank])
         log(f"resume      from {latest} (step {at['step']} of {total_steps})")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
+        if group.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
         if teacher is not None:
             at["teacher_top1"] = accuracy(teacher, val_loader, device, autocast)[0]
     if at["teacher_top1"] is not None:
         log(f"teacher     top-1 {at['teacher_top1']:.2f}% (the dense model, before training)")
 
     def checkpoint() -> None:
-        state = {**at, "optimizer": optimizer.state_dict(), "rng": rng_state(), "total_steps": total_steps}
+        states = distributed.gather(rng_state(), group)
+        if not group.main:
+            return
+        state = {**at, "optimizer": optimizer.state_dict(), "rng": states if group.world > 1 else states[0],
+                 "total_steps": total_steps}
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         save_checkpoint(out, at["step"], student, state)
@@ -370,8 +394,9 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if mixup is not None:
                     x, y = mixup(x, y)
-                with autocast():
-                    logits = student(x)
+                syncing = (at["micro"] + 1) % run.accumulation == 0  # DDP averages gradients at the step's end
+                with autocast(), (nullcontext() if syncing or group.world == 1 else trained.no_sync()):
+                    logits = trained(x)
                     t_logits = t_feats = None
                     if distill:
                         with torch.no_grad():
@@ -389,22 +414,25 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
                         teacher_features=t_feats, lambda_cut=recipe.loss.lambda_cut if use_cut else 0.0,
                         lambda_kd=recipe.loss.lambda_kd if distill else 0.0,
                         label_smoothing=recipe.data.label_smoothing)
-                values = {k: v.item() for k, v in terms.items()}
+                values, stopping = distributed.reduce_step({k: v.item() for k, v in terms.items()}, stop.requested,
+                                                           group)
+                stop.requested = stopping
                 if not math.isfinite(values["total"]):
                     bad = next((k for k in ("ce", "cut", "kd", "feature") if not math.isfinite(values[k])), "total")
                     raise NonFiniteLossError(
                         f"the loss is not finite at step {at['step'] + 1} (epoch {epoch}): term {bad} = {values[bad]}; "
                         "lower optim.lr or use run.precision fp32; the last checkpoint is kept")
-                scaler.scale(terms["total"] / run.accumulation).backward()
+                with nullcontext() if syncing or group.world == 1 else trained.no_sync():
+                    scaler.scale(terms["total"] / run.accumulation).backward()
                 for k in at["sums"]:
                     at["sums"][k] += values["total" if k == "loss" else k]
                 at["micro"] += 1
-                at["images"] += len(x)
+                at["images"] += len(x) * group.world
                 if at["micro"] % run.accumulation:
                     continue
                 lr = lr_at(at["step"], total_steps, warmup, peak, recipe.optim.min_lr, recipe.optim.warmup_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
                 if recipe.optim.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(student.parameters(), recipe.optim.clip_grad)
@@ -428,7 +456,8 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
             if last or (run.eval_every and epoch % run.eval_every == 0):
                 row["top1"], row["top5"], _ = accuracy(student, val_loader, device, autocast)
             at["rows"].append(row)
-            write_summary(out / "summary.csv", at["rows"])
+            if group.main:
+                write_summary(out / "summary.csv", at["rows"])
             at.update(epoch=epoch + 1, micro=0, images=0, seconds=0.0, sums=dict.fromkeys(at["sums"], 0.0))
             checkpoint()
             if stop.requested:
@@ -442,7 +471,9 @@ def finetune(recipe: Recipe, *, force: bool = False, resume: bool = False, progr
     bar.close()
     for s in selectors:
         s.record_attention = False
-    write_model(student.eval(), out)  # model files beside the recipe, summary and checkpoints
+    if group.main:
+        write_model(student.eval(), out)  # model files beside the recipe, summary and checkpoints
+    distributed.barrier(group)
     log(table(at["rows"]))
     log(f"model       {out}/ (vitidle.load, vitidle export --onnx {out})")
     return out
