@@ -73,26 +73,41 @@ def conversion_options(required: bool):
               help="Replace the model files of an existing model folder (its other files stay).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, output, force, as_json):
-    """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json)."""
+    """Convert a ViT to dynamic token idling and save it (model.safetensors + vitidle.json).
+
+    --model also takes a transformers model: hf:ORG/NAME (the hub, or its local cache offline) or
+    hf:./FOLDER (a save_pretrained folder); --model-arg then only sets attn_implementation.
+    """
+    import copy
     from pathlib import Path
 
     import vitidle
+    from vitidle import hf, zoo
+    from vitidle.evaluate import evaluate
     from vitidle.engine import IdlePlan
     from vitidle.engine.discover import input_size
     from vitidle.flops import count_macs
     from vitidle.io import check_destination
     from vitidle.models import create, resolve_name
 
-    name = resolve_name(model_name)
-    folder = Path(output or f"{name}-idle")
+    if hf.is_hf_name(model_name):  # hf:org/name or hf:./folder: a transformers model (vitidle/hf.py)
+        name, create = model_name, hf.create
+        default = Path(model_name[len(hf.PREFIX):].rstrip("/")).name or "hf-model"
+    else:
+        name = default = resolve_name(model_name)
+    folder = Path(output or f"{default}-idle")
     check_destination(folder, force)  # before the work, not after it
     kwargs = _parse_model_args(model_arg)
     model = create(name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
     size = input_size(model)
     dense_macs = count_macs(model)
+    sample = None if no_pretrained or weights else zoo.eval_sample(name)  # a shipped model, its data at hand
+    dense = copy.deepcopy(model) if sample is not None else None
     vitidle.convert(model, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
     idle_macs = count_macs(model)
     vitidle.save(model, folder, force=force)
+    top1 = {k: evaluate(m, sample, batch_size=250)["top1"] for k, m in (("dense", dense), ("idle", model))} \
+        if sample is not None else None
 
     config = model.vitidle_config
     num_patches = config["layout"]["num_tokens"] - config["layout"]["num_prefix"]
@@ -105,6 +120,7 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
         "gmacs_idle": round(idle_macs / 1e9, 3),
         "plan": config["plan"],
         "output": str(folder),
+        **({"top1": top1, "top1_images": f"the first {sample.val_limit} {sample.dataset} test images"} if top1 else {}),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -113,9 +129,11 @@ def convert(model_name, keep, schedule, plan_text, weights, no_pretrained, model
         ("model", f"{name} ({summary['weights']})"),
         ("parameters", f"{summary['parameters'] / 1e6:.2f} M"),
         ("input", "x".join(map(str, size))),
-        ("GMACs dense", f"{summary['gmacs_dense']:.2f}"),
-        ("GMACs idle", f"{summary['gmacs_idle']:.2f} ({100 * (1 - idle_macs / dense_macs):.0f}% fewer)"),
+        ("GMACs dense", f"{dense_macs / 1e9:.3g}"),
+        ("GMACs idle", f"{idle_macs / 1e9:.3g} ({100 * (1 - idle_macs / dense_macs):.0f}% fewer)"),
         ("plan", IdlePlan(tuple(config["plan"]["keep"])).describe(num_patches)),
+        *([("top-1", f"dense {top1['dense']:.2f}%, idle {top1['idle']:.2f}% without finetuning "
+                     f"({summary['top1_images']}; vitidle finetune recovers it: docs/results.md)")] if top1 else []),
         ("output", f"{folder}/"),
     ]
     _print_table(rows)
@@ -245,7 +263,8 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     import torch
 
     import vitidle
-    from vitidle.bench import bench as run_bench, markdown_table
+    from vitidle.bench import bench as run_bench
+    from vitidle.bench import markdown_table
 
     given = _options_given(CONVERSION_PARAMS)
     if model_name and model:

@@ -36,7 +36,15 @@ def convert(
     >>> m = convert("deit_tiny", keep=0.5, pretrained=False, model_kwargs={"depth": 4, "img_size": 64})
     >>> [b.selector.num_keep for b in m.blocks[1:]]
     [8, 4, 2]
+
+    A transformers model, or an `hf:` name (`hf:org/name`, `hf:./save_pretrained-folder`), converts the
+    same way and stays the HF model (`vitidle/hf.py`).
     """
+    from . import hf
+
+    if hf.is_hf_name(model) or hf.is_hf_model(model):  # the one place the two families part
+        return hf.convert(model, keep, schedule=schedule, plan=plan, pretrained=pretrained, weights=weights,
+                          model_kwargs=model_kwargs)
     if isinstance(model, str):
         base = models.resolve_name(model)
         model_kwargs = dict(model_kwargs or {})
@@ -48,13 +56,7 @@ def convert(
     layout = discover(model)
     if model_kwargs is None:
         model_kwargs = model_kwargs_of(model, layout)
-    depth = len(layout.blocks)
-    if isinstance(plan, IdlePlan):
-        idle_plan = plan
-    elif plan is None or isinstance(plan, str):
-        idle_plan = make_plan(depth, keep, schedule, plan)
-    else:
-        idle_plan = IdlePlan(tuple(plan))
+    idle_plan = idle_plan_of(plan, keep, schedule, len(layout.blocks))
     apply_plan(model, layout, idle_plan)
     model.vitidle_config = {
         "vitidle_version": __version__,
@@ -70,6 +72,16 @@ def convert(
         "input": data_config(model),
     }
     return model
+
+
+def idle_plan_of(plan: str | Sequence[float | None] | IdlePlan | None, keep: float, schedule: str,
+                 depth: int) -> IdlePlan:
+    """The plan `convert` was asked for: an IdlePlan as given, a plan string, ratios per block, or `schedule` at `keep`."""
+    if isinstance(plan, IdlePlan):
+        return plan
+    if plan is None or isinstance(plan, str):
+        return make_plan(depth, keep, schedule, plan)
+    return IdlePlan(tuple(plan))
 
 
 def model_kwargs_of(model: nn.Module, layout) -> dict[str, Any]:

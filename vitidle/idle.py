@@ -126,7 +126,7 @@ class TokenSelector(nn.Module):
         if self.training and not traced:  # token dropout (patch_drop) may leave fewer tokens than P + K
             num_kept = min(num_kept, N)
         index = scores.topk(num_kept, dim=1, sorted=False).indices  # B, P + K
-        if not traced:
+        if not (traced or torch.compiler.is_exporting()):  # an exported program keeps no module state
             self.__dict__["kept_index"] = index  # what nn.Module.__setattr__ does for a plain tensor, ~1 µs faster
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels. At batch 1 the

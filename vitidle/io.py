@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import hf
 from .engine.discover import evaluating, sample_input
 from .engine.plan import IdlePlan
 from .engine.rewrite import config_of, num_keep_of, unwrap
@@ -50,7 +51,7 @@ def write_model(model: nn.Module, folder: Path) -> None:
     model = unwrap(model)
     config = copy.deepcopy(config_of(model))
     config["plan"]["num_keep"] = num_keep_of(model)
-    check_rebuild(model, config)
+    (hf.check_rebuild if hf.is_hf_config(config) else check_rebuild)(model, config)
     config["save_id"] = uuid.uuid4().hex
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     try:
@@ -161,6 +162,8 @@ def rebuild(config: dict) -> nn.Module:
     """The converted model a config describes, with random weights: base model, kwargs, plan, knobs."""
     from .convert import convert
 
+    if hf.is_hf_config(config):
+        return hf.rebuild(config)
     model = convert(
         config["base_model"],
         plan=IdlePlan(config["plan"]["keep"]),
@@ -252,6 +255,8 @@ def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
     from .models import create, load_weights, resolve_name, state_dict_mismatch
 
     config = read_config(folder)
+    if hf.is_hf_config(config):  # a transformers model: its class and config rebuild it (vitidle/hf.py)
+        return hf.load(folder, config, dense=dense)
     weights = Path(folder) / WEIGHTS
     shapes = read_weights_header(weights, config.get("save_id"))
     blocks, kwargs = config["layout"]["blocks"], config.get("model_kwargs") or {}

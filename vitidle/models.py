@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from . import zoo  # noqa: F401  (registers the models vitidle ships with timm)
 from .errors import CheckpointError, UnknownModelError, UsageError, WeightsUnavailableError
 
 ALIASES = {

@@ -107,7 +107,7 @@ def sample_input(model: nn.Module, batch_size: int = 1) -> torch.Tensor:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model expects: its patch embedding's image size, else its pretrained config."""
+    """(C, H, W) the model expects: its patch embedding's image size, else its timm or transformers config."""
     patch_embed = getattr(model, "patch_embed", None)
     img_size = getattr(patch_embed, "img_size", None)
     # the first convolution sees the image: `proj`, or a hybrid's backbone stem before it
@@ -117,8 +117,13 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:
         return tuple(cfg["input_size"])
+    size = getattr(getattr(model, "config", None), "image_size", None)  # a transformers model's config
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        return int(getattr(model.config, "num_channels", 3)), int(h), int(w)
     raise UnsupportedModelError(
-        f"cannot tell the input size of {type(model).__name__}: it has no patch_embed.img_size or pretrained_cfg"
+        f"cannot tell the input size of {type(model).__name__}: it has no patch_embed.img_size, pretrained_cfg "
+        "or config.image_size"
     )
 
 
