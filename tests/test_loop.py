@@ -285,3 +285,26 @@ def test_a_converted_folder_keeps_its_plan_and_weights(folder, tmp_path):
     replanned = loop.build_models(recipe(folder, tmp_path / "o", model={
         "name": None, "model_kwargs": {}, "folder": str(tmp_path / "m"), "keep": 0.5}))
     assert [s.num_keep for s in vitidle.idle_selectors(replanned.student)] == [8, 4, 2]
+
+
+def test_the_run_draws_its_curves(idle_run):
+    from PIL import Image
+
+    out, _ = idle_run
+    with Image.open(out / "curves.png") as image:  # a real PNG, two panels side by side
+        assert image.format == "PNG" and image.size == (1000, 380)
+
+
+def test_plot_curves_draws_the_terms_that_are_on(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from vitidle.train.plot import plot_curves
+
+    drawn = []
+    real_plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, *a, **k: drawn.append(k.get("label"))
+                        or real_plot(ax, *a, **k))
+    rows = [{"epoch": e, "loss": 2.0 / e, "ce": 1.0 / e, "cut": 0.0, "kd": 0.5 / e, "feature": 0.0,
+             "top1": 50.0 + e, "teacher_top1": 60.0} for e in (1, 2, 3)]
+    plot_curves(rows, tmp_path / "c.png")
+    assert drawn == ["total", "ce", "kd", "model (idle)"]  # the cut and feature terms are off: not drawn

@@ -30,6 +30,7 @@ from ..evaluate import accuracy
 from ..idle import idle_selectors, keep_mask
 from ..io import atomic_write, write_model
 from .losses import finetune_loss, token_cut_loss
+from .plot import plot_curves
 from .recipe import ModelSection, Recipe
 
 RUN_FILES = ("recipe.yaml", "summary.csv", "checkpoints")  # what marks a folder as a run folder `--force` may train into again
@@ -458,6 +459,7 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
             at["rows"].append(row)
             if group.main:
                 write_summary(out / "summary.csv", at["rows"])
+                plot_curves(at["rows"], out / "curves.png")
             at.update(epoch=epoch + 1, micro=0, images=0, seconds=0.0, sums=dict.fromkeys(at["sums"], 0.0))
             checkpoint()
             if stop.requested:
