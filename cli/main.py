@@ -334,6 +334,7 @@ def eval_command(model, data_name, root, split, dense, limit, batch_size, worker
     import vitidle
     from vitidle.bench import check_device
     from vitidle.evaluate import evaluate
+    from vitidle.io import read_config
     from vitidle.train.recipe import DataSection
 
     folder = _model_folder(model)
@@ -347,7 +348,7 @@ def eval_command(model, data_name, root, split, dense, limit, batch_size, worker
     data = DataSection(dataset=kind, root=root, val_split=split, val_limit=limit)
     net = vitidle.load(folder, dense=dense)
     result = evaluate(net, data, batch_size=batch_size, num_workers=workers, device=str(check_device(device)),
-                      progress=not as_json)
+                      progress=not as_json, input_config=read_config(folder)["input"])  # dense too: the same input
     result = {"model": str(folder), "weights": "dense" if dense else "idle", "data": f"{kind} {root or ''}".strip(),
               "split": split, **result}
     if as_json:

@@ -1,6 +1,7 @@
 """Hugging Face transformers ViTs: the same guarantees as timm, on tiny configs built in code (no downloads)."""
 
 import copy
+import json
 import pickle
 import time
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 import vitidle
 from vitidle import hf
-from vitidle.errors import UnsupportedModelError, UsageError
+from vitidle.errors import CheckpointError, UnsupportedModelError, UsageError
 from vitidle_cli.main import main
 
 SIZE = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32,
@@ -269,3 +270,31 @@ def test_a_hub_id_offline_fails_in_seconds_on_one_line(tmp_path, capsys, offline
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="no such model folder"):
         hf.create("hf:./no-such-folder")
+
+
+def test_only_the_built_in_attention_kernels_are_accepted(tmp_path, capsys):
+    dense = dense_model("vit")
+    dense.save_pretrained(tmp_path / "vit")
+    code, err = cli(capsys, "convert", "--model", f"hf:{tmp_path / 'vit'}", "--model-arg",
+                    "attn_implementation=kernels-community/flash-attn", "-o", tmp_path / "x")
+    assert code == 2 and "is not supported: use one of sdpa, eager" in err and not (tmp_path / "x").exists()
+    vitidle.save(vitidle.convert(dense, keep=0.5), tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "vitidle.json").read_text())
+    config["hf"]["attn_implementation"] = "kernels-community/flash-attn"  # transformers would fetch and load it
+    (tmp_path / "m" / "vitidle.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="is not supported"):
+        vitidle.load(tmp_path / "m")
+
+
+def test_eval_reads_an_hf_model_folder(tmp_path, capsys, folder):
+    model = vitidle.convert(dense_model("vit", num_labels=2), keep=0.5)
+    vitidle.save(model, tmp_path / "m")
+    results = {}
+    for extra in ([], ["--dense"]):
+        with pytest.raises(SystemExit) as info:
+            main(["eval", str(tmp_path / "m"), "--data", str(folder), "--json", "--workers", "0", *extra])
+        out, err = capsys.readouterr()
+        assert (info.value.code or 0) == 0, err
+        results[bool(extra)] = json.loads(out)
+    assert results[False]["images"] == results[True]["images"] == 16
+    assert results[True]["gmacs"] > results[False]["gmacs"]

@@ -71,9 +71,12 @@ def test_drop_path_reaches_the_model(folder, tmp_path):
 def test_dense_run_saves_plain_timm_weights(folder, tmp_path):
     out = tmp_path / "dense"
     r = recipe(folder, out, model={"keep": None, "plan": "none"}, teacher={"enabled": False},
-               optim={"frozen": []}, run={"epochs": None, "steps": 4, "eval_every": 0})
+               optim={"frozen": []}, run={"epochs": None, "steps": 4, "eval_every": 0},
+               data={"mean": [0.25, 0.5, 0.75], "std": [0.2, 0.3, 0.4]})
     loop.finetune(r, progress=False, log=lambda s: None)
     assert vitidle.idle_selectors(vitidle.load(out)) == []
+    saved = vitidle.io.read_config(out)["input"]  # eval, export and bench preprocess as the run trained
+    assert (saved["mean"], saved["std"]) == ([0.25, 0.5, 0.75], [0.2, 0.3, 0.4])
     from safetensors.torch import load_file
 
     dense = timm.create_model("deit_tiny_patch16_224", pretrained=False, **TINY_KWARGS)
@@ -98,8 +101,17 @@ def test_run_folder_is_never_overwritten_silently(folder, tmp_path, idle_run):
     r = recipe(folder, again, run={"epochs": None, "steps": 1, "eval_every": 0}, teacher={"enabled": False})
     loop.finetune(r, progress=False, log=lambda s: None)
     (again / "notes.txt").write_text("mine")
+    loop.check_output(again, force=True)  # what --force does before training again
+    assert sorted(p.name for p in again.iterdir()) == ["checkpoints", "notes.txt", "recipe.yaml"]  # no old model
+    assert list((again / "checkpoints").iterdir()) == []  # nor its checkpoints
     loop.finetune(r, force=True, progress=False, log=lambda s: None)
     assert (again / "notes.txt").read_text() == "mine" and (again / "vitidle.json").is_file()
+
+
+def test_dry_run_refuses_model_kwargs_the_run_refuses(folder, tmp_path):
+    r = recipe(folder, tmp_path / "o", model={"model_kwargs": {**TINY_KWARGS, "checkpoint_path": "/etc/passwd"}})
+    with pytest.raises(UsageError, match="checkpoint_path cannot be given"):
+        loop.build_models(r, meta=True)
 
 
 def test_non_finite_loss_stops_with_step_and_term(folder, tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu",
                 x, y = x.to(device), y.to(device)
                 with autocast():
                     logits = model(x)
+                logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
                 top = logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices  # B, 5
                 hits = top == y.unsqueeze(1)
                 counts += torch.stack([hits[:, 0].sum(), hits.any(1).sum(), torch.tensor(len(y), device=device)])
@@ -45,12 +46,13 @@ def accuracy(model: nn.Module, loader, device: torch.device | str = "cpu",
     return 100 * correct1 / max(seen, 1), 100 * correct5 / max(seen, 1), int(seen)
 
 
-def evaluate(model: nn.Module, data, *, batch_size: int = 64, num_workers: int = 2,
-             device: str = "cpu", progress: bool = False) -> dict:
+def evaluate(model: nn.Module, data, *, batch_size: int = 64, num_workers: int = 2, device: str = "cpu",
+             progress: bool = False, input_config: dict | None = None) -> dict:
     """Top-1 / top-5, images/s and GMACs of `model` (converted or dense) on the eval split of `data`.
 
     `data` is a recipe's data section (`vitidle.train.recipe.DataSection`): an image folder,
-    Fashion-MNIST or a timm dataset, preprocessed with the model's own data config.
+    Fashion-MNIST or a timm dataset, preprocessed with `input_config` (timm's data config; default:
+    the converted model's `vitidle_config["input"]`, else the model's own).
 
     >>> from vitidle.train.recipe import DataSection   # doctest: +SKIP
     >>> evaluate(vitidle.load("runs/fashion_mnist/keep0.7"), DataSection(dataset="fashion_mnist"))  # doctest: +SKIP
@@ -63,8 +65,10 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 64, num_workers: int =
     from .flops import count_macs
     from .train.data import eval_dataset
 
-    config = getattr(model, "vitidle_config", None)
-    dataset = eval_dataset(data, config["input"] if config else data_config(model))
+    if input_config is None:
+        config = getattr(model, "vitidle_config", None)
+        input_config = config["input"] if config else data_config(model)
+    dataset = eval_dataset(data, input_config)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     model = model.to(device)
     start = time.perf_counter()

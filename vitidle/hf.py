@@ -40,6 +40,9 @@ from .idle import PER_TOKEN_NORMS, SELECTOR, TokenSelector, gather_tokens, merge
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
 # the only from_pretrained arguments `--model-arg` may set: where code and weights come from is vitidle's choice
 MODEL_ARGS = frozenset({"attn_implementation"})
+# attention kernels a model may name (a vitidle.json or --model-arg): transformers fetches and loads compiled
+# code for others ("kernels-community/..."), which an edited file must not be able to make it do
+ATTENTION = ("sdpa", "eager")
 # HF image processors default to these for ViTs; the processor is not part of the model
 INPUT_DEFAULTS = {"interpolation": "bicubic", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 1.0,
                   "crop_mode": "center"}
@@ -359,6 +362,7 @@ def create(name: str, *, pretrained: bool = True, weights: str | os.PathLike | N
     if not source:
         raise UsageError(f"{name!r} names no model: give hf:ORG/NAME (the hub) or hf:./FOLDER (save_pretrained)")
     unknown = sorted(set(model_kwargs) - MODEL_ARGS)
+    check_attention(model_kwargs.get("attn_implementation", "sdpa"))
     if unknown:
         raise UsageError(f"model argument(s) {', '.join(unknown)} cannot be given for an hf: model; "
                          f"allowed: {', '.join(sorted(MODEL_ARGS))}")
@@ -417,6 +421,13 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def check_attention(name: Any) -> str:
+    """`name` if it is an attention kernel vitidle lets a model use (`ATTENTION`), else UsageError."""
+    if name not in ATTENTION:
+        raise UsageError(f"attn_implementation {name!r} is not supported: use one of {', '.join(ATTENTION)}")
+    return name
+
+
 def model_class(name: str) -> type:
     """A transformers model class by name; only PreTrainedModel subclasses (a vitidle.json is user-editable)."""
     import transformers
@@ -433,7 +444,7 @@ def dense_from_config(config: dict, device: str | torch.device | None = None) ->
     hf = config["hf"]
     cls = model_class(hf["class"])
     hf_config = cls.config_class.from_dict(hf["config"])
-    hf_config._attn_implementation = hf.get("attn_implementation") or "sdpa"
+    hf_config._attn_implementation = check_attention(hf.get("attn_implementation") or "sdpa")
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return cls(hf_config).eval()
 

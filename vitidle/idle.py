@@ -104,8 +104,10 @@ class TokenSelector(nn.Module):
     def forward(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module) -> Tensor:
         B, N, C = x_norm.shape
         traced = isinstance(x_norm, fx.Proxy)  # fx.symbolic_trace of a converted model: no branch on shapes
+        tracing = traced or torch.jit.is_tracing()
+        one = not tracing and B == 1  # the batch-1 path; a tracer must not take it (it would bake in batch 1)
         # eval mode caches what does not change from image to image; training and tracers recompute it
-        cached = not (self.training or traced or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        cached = not (self.training or tracing or torch.compiler.is_compiling()
                       or torch._C._are_functorch_transforms_active())  # torch.func's tensors must not be kept
         plain = _is_plain_linear(q_proj) and (k_proj is q_proj or _is_plain_linear(k_proj))
         if self.record_attention:
@@ -119,9 +121,9 @@ class TokenSelector(nn.Module):
             scores = logits.detach() + self._prefix_bias(x_norm, cached)
         elif torch.is_grad_enabled():
             with torch.no_grad():
-                scores = self._scores(x_norm, q_proj, k_proj, plain, cached)
+                scores = self._scores(x_norm, q_proj, k_proj, plain, cached, one)
         else:  # entering no_grad costs ~1 µs, a share of a batch-1 layer's dispatch
-            scores = self._scores(x_norm, q_proj, k_proj, plain, cached)
+            scores = self._scores(x_norm, q_proj, k_proj, plain, cached, one)
         num_kept = self.num_prefix + self.num_keep
         if self.training and not traced:  # token dropout (patch_drop) may leave fewer tokens than P + K
             num_kept = min(num_kept, N)
@@ -131,11 +133,12 @@ class TokenSelector(nn.Module):
         # rows of the (B * N, C) token matrix: index_select / index_copy on rows are several times
         # faster on CPU than gather / scatter with an index expanded over channels. At batch 1 the
         # rows are the positions: skipping the offsets saves ~0.25 ms of 28 ms (DeiT-S, keep 0.5).
-        if _one_image(x_norm):
+        if one:
             return index.flatten()
         return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
 
-    def _scores(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module, plain: bool, cached: bool) -> Tensor:
+    def _scores(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module, plain: bool, cached: bool,
+                one: bool) -> Tensor:
         """(B, N) scores, +inf at the prefix tokens.
 
         Each op here costs microseconds of dispatch, which at batch 1 is a share of the layer's own time:
@@ -149,7 +152,7 @@ class TokenSelector(nn.Module):
             return torch.baddbmm(prefix, query.unsqueeze(1), k.transpose(1, 2)).squeeze(1)  # B, N
         query = x_norm[:, 0] if self.query == "cls" else x_norm.mean(1)  # B, C
         u = self._query_to_key(query, q_proj, k_proj, cached and self.frozen)  # B, C: W_kᵀ (W_q x + b_q)
-        if _one_image(x_norm):
+        if one:
             return torch.addmm(prefix, u, x_norm[0].t())  # 1, N
         # (1, C) @ (C, N) per image: on CPU ~10x faster than (N, C) @ (C, 1) at batch 16
         return torch.baddbmm(prefix, u.unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)  # B, N

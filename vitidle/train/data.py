@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, Subset
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .recipe import DataSection
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -178,7 +178,7 @@ def raw_dataset(data: DataSection, split: str, mode: str) -> Dataset:
                             is_training=split in TRAIN_SPLITS)
     except Exception as e:  # timm raises many kinds (RuntimeError for an empty folder, ImportError, ...)
         raise UsageError(f"cannot open dataset {data.dataset or 'folder'} ({split}) at {data.root}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {first_line(e)}") from None
     if len(ds) == 0:
         raise UsageError(f"dataset {data.dataset} ({split}) at {data.root} holds no images")
     ds.transform = None

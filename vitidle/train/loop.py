@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import UsageError, VitidleError
+from ..errors import UsageError, VitidleError, first_line
 from ..evaluate import accuracy
 from ..idle import idle_selectors, keep_mask
-from ..io import atomic_write, write_model
+from ..io import CONFIG, WEIGHTS, atomic_write, write_model
 from .losses import finetune_loss, token_cut_loss
 from .plot import plot_curves
 from .recipe import ModelSection, Recipe
@@ -73,7 +73,7 @@ def build_models(recipe: Recipe, *, meta: bool = False) -> Built:
 
     from ..engine import IdlePlan, discover, make_plan
     from ..io import WEIGHTS, read_config
-    from ..models import create, resolve_name
+    from ..models import check_model_kwargs, create, resolve_name
 
     spec: ModelSection = recipe.model
     num_keep = None
@@ -91,9 +91,11 @@ def build_models(recipe: Recipe, *, meta: bool = False) -> Built:
     if meta:
         try:
             with torch.device("meta"):
-                dense = timm.create_model(resolve_name(name), pretrained=False, **train_kwargs)
+                dense = timm.create_model(resolve_name(name), pretrained=False, **check_model_kwargs(train_kwargs))
+        except UsageError:
+            raise
         except Exception as e:
-            raise UsageError(f"cannot build {name} with {train_kwargs}: {type(e).__name__}: {e}") from None
+            raise UsageError(f"cannot build {name} with {train_kwargs}: {type(e).__name__}: {first_line(e)}") from None
         if weights is not None and not Path(weights).is_file():
             notes.append(f"weights {weights} not found yet (needed to train)")
     else:
@@ -221,8 +223,12 @@ def check_output(folder: Path, force: bool, remove: bool = True) -> None:
                          "reuses run folders: choose another run.output")
     from .checkpoint import checkpoints
 
-    for old in checkpoints(folder) if remove else ():  # the old run's: a later --resume must not pick them up
+    if not remove:
+        return
+    for old in checkpoints(folder):  # the old run's: a later --resume must not pick them up
         shutil.rmtree(old)
+    for name in (CONFIG, WEIGHTS, "summary.csv", "curves.png"):  # the config first: no longer a model folder
+        (folder / name).unlink(missing_ok=True)
 
 
 def write_summary(path: Path, rows: list[dict]) -> None:
@@ -286,7 +292,7 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
 
     from . import distributed
     from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from .data import EpochSampler, build_datasets, mixup_fn
+    from .data import EpochSampler, build_datasets, mixup_fn, normalisation
 
     run, device = recipe.run, group.device
     if not group.main:
@@ -415,9 +421,10 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
                         teacher_features=t_feats, lambda_cut=recipe.loss.lambda_cut if use_cut else 0.0,
                         lambda_kd=recipe.loss.lambda_kd if distill else 0.0,
                         label_smoothing=recipe.data.label_smoothing)
-                values, stopping = distributed.reduce_step({k: v.item() for k, v in terms.items()}, stop.requested,
+                # every process takes the step's stop decision from this one reduction: a signal that lands on
+                # one process later in the step waits for the next, so all run the same collectives
+                values, stop_now = distributed.reduce_step({k: v.item() for k, v in terms.items()}, stop.requested,
                                                            group)
-                stop.requested = stopping
                 if not math.isfinite(values["total"]):
                     bad = next((k for k in ("ce", "cut", "kd", "feature") if not math.isfinite(values[k])), "total")
                     raise NonFiniteLossError(
@@ -444,10 +451,10 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
                 at["seconds"] = time.perf_counter() - start
                 bar.update(at["step"], epoch, epochs, values["total"], lr, at["images"] / at["seconds"])
                 epoch_end = at["micro"] >= steps_per_epoch * run.accumulation or at["step"] >= total_steps
-                if not epoch_end and (stop.requested or (run.checkpoint_every
+                if not epoch_end and (stop_now or (run.checkpoint_every
                                                          and at["step"] % run.checkpoint_every == 0)):
                     checkpoint()
-                if stop.requested:
+                if stop_now:
                     raise KeyboardInterrupt
             last = at["step"] >= total_steps
             micro = max(at["micro"], 1)
@@ -461,8 +468,9 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
                 write_summary(out / "summary.csv", at["rows"])
                 plot_curves(at["rows"], out / "curves.png")
             at.update(epoch=epoch + 1, micro=0, images=0, seconds=0.0, sums=dict.fromkeys(at["sums"], 0.0))
+            _, stop_now = distributed.reduce_step({}, stop.requested, group)  # a signal during eval or writing
             checkpoint()
-            if stop.requested:
+            if stop_now:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
@@ -473,6 +481,10 @@ def _finetune(recipe: Recipe, out: Path, group, force: bool, resume: bool, progr
     bar.close()
     for s in selectors:
         s.record_attention = False
+    # the preprocessing it was trained with, for eval, export and bench (the recipe may set its own mean / std)
+    config = student.vitidle_config["input"]
+    mean, std = normalisation(recipe.data, config, config["input_size"][0])
+    config.update(mean=list(mean), std=list(std))
     if group.main:
         write_model(student.eval(), out)  # model files beside the recipe, summary and checkpoints
     distributed.barrier(group)
