@@ -439,14 +439,13 @@ def model_class(name: str) -> type:
     return cls
 
 
-def dense_from_config(config: dict, device: str | torch.device | None = None) -> nn.Module:
+def dense_from_config(config: dict) -> nn.Module:
     """The dense transformers model a vitidle config describes, with random weights."""
     hf = config["hf"]
     cls = model_class(hf["class"])
     hf_config = cls.config_class.from_dict(hf["config"])
     hf_config._attn_implementation = check_attention(hf.get("attn_implementation") or "sdpa")
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return cls(hf_config).eval()
+    return cls(hf_config).eval()  # on the meta device inside `with torch.device("meta")` (vitidle.load's check)
 
 
 def rebuild(config: dict) -> nn.Module:
@@ -482,27 +481,3 @@ def check_rebuild(model: nn.Module, config: dict) -> None:
         except AssertionError:
             raise UsageError(f"cannot save: {config['hf']['class']} rebuilt from its config computes differently "
                              "from this model") from None
-
-
-def load(folder: str | os.PathLike, config: dict, *, dense: bool = False) -> nn.Module:
-    """`vitidle.load` for a folder that holds a transformers model: the HF model, converted (or dense)."""
-    from .io import CONFIG, WEIGHTS, read_weights_header
-    from .models import load_weights, state_dict_mismatch
-
-    weights = Path(folder) / WEIGHTS
-    shapes = read_weights_header(weights, config.get("save_id"))
-    try:  # on the meta device first: a config edited to build a huge model fails here, before any memory is used
-        skeleton = dense_from_config(config, device="meta")
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
-                              f"{first_line(e)}") from e
-    problem = state_dict_mismatch({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, shapes)
-    if problem:
-        raise CheckpointError(f"weights in {weights} do not fit {config['hf']['class']}: {problem}")
-    try:
-        model = dense_from_config(config) if dense else rebuild(config)
-    except Exception as e:
-        raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
-                              f"{first_line(e)}") from e
-    load_weights(model, weights)
-    return model.eval()

@@ -252,11 +252,9 @@ def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
     """
     import timm
 
-    from .models import create, load_weights, resolve_name, state_dict_mismatch
+    from .models import load_weights, resolve_name, state_dict_mismatch
 
     config = read_config(folder)
-    if hf.is_hf_config(config):  # a transformers model: its class and config rebuild it (vitidle/hf.py)
-        return hf.load(folder, config, dense=dense)
     weights = Path(folder) / WEIGHTS
     shapes = read_weights_header(weights, config.get("save_id"))
     blocks, kwargs = config["layout"]["blocks"], config.get("model_kwargs") or {}
@@ -264,9 +262,15 @@ def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
                                                                   for b in blocks):
         raise CheckpointError(f"{Path(folder) / CONFIG} is corrupt: its blocks ({len(blocks)}, depth "
                               f"{kwargs.get('depth')}) are not those of the weights in {weights}")
+    if hf.is_hf_config(config):  # a transformers model: its class and config rebuild it (vitidle/hf.py)
+        def build_dense():
+            return hf.dense_from_config(config)
+    else:
+        def build_dense():
+            return timm.create_model(resolve_name(config["base_model"]), pretrained=False, **kwargs)
     try:  # on the meta device first: a config edited to build a huge model fails here, before any memory is used
         with torch.device("meta"):
-            skeleton = timm.create_model(resolve_name(config["base_model"]), pretrained=False, **kwargs)
+            skeleton = build_dense()
     except Exception as e:  # a config edited by hand can fail in many ways; all mean the folder is bad
         raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
                               f"{first_line(e)}") from e
@@ -274,7 +278,7 @@ def load(folder: str | os.PathLike, *, dense: bool = False) -> nn.Module:
     if problem:
         raise CheckpointError(f"weights in {weights} do not fit {config['base_model']}: {problem}")
     try:
-        model = create(config["base_model"], pretrained=False, **kwargs) if dense else rebuild(config)
+        model = build_dense() if dense else rebuild(config)
     except Exception as e:
         raise CheckpointError(f"cannot rebuild the model of {folder} from {CONFIG}: {type(e).__name__}: "
                               f"{first_line(e)}") from e
