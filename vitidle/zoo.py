@@ -24,7 +24,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 # the file's sha256: the package's weights are these bytes or the model refuses to load
-SHA256 = {"vit_fashion_mnist.safetensors": None}
+SHA256 = {"vit_fashion_mnist.safetensors": "e8cd891ce3f21d453d82b2965dadb2b5a0e7f4ff5e1e14426e1cf8fbd6bee594"}
 FASHION_MNIST_ARGS = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6, num_heads=4,
                           mlp_ratio=3)
 
