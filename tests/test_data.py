@@ -66,3 +66,8 @@ def test_an_empty_folder_is_a_usage_error(tmp_path):
     (tmp_path / "photo.gif.txt").write_text("neither")
     with pytest.raises(UsageError, match="no images"):
         sample_images(PLAIN, tmp_path)
+
+
+def test_sample_photos_follow_the_models_channels():
+    cfg = {"input_size": [1, 28, 28], "mean": [0.3], "std": [0.35], "crop_pct": 1.0}
+    assert sample_images(cfg, limit=3).shape == (3, 1, 28, 28)  # a grey model gets grey photos

@@ -75,3 +75,10 @@ def test_convert_runs_offline_on_the_shipped_weights_and_says_what_they_score(tm
     assert abs(summary["top1"]["dense"] - published_top1("dense (shipped)")) <= 1.5
     assert summary["top1"]["idle"] < summary["top1"]["dense"]  # idling without a finetune costs accuracy
     assert vitidle.load(tmp_path / "m").pretrained_cfg["architecture"] == "vit_fashion_mnist"
+
+
+def test_the_shipped_model_exports_behind_the_parity_gate(tmp_path):
+    from vitidle.export import export_onnx
+
+    report = export_onnx(vitidle.convert("vit_fashion_mnist", keep=0.7), tmp_path / "model.onnx")  # grey photos
+    assert report.max_diff <= report.atol and report.top1_agreement == 1.0

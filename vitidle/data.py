@@ -40,7 +40,8 @@ def sample_images(input_config: dict, folder: str | os.PathLike | None = None, l
         pictures = [_read_image(p) for p in paths[:limit]]
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_config.items() if k in keys})
-    return torch.stack([transform(p.convert("RGB")) for p in pictures])
+    mode = "L" if input_config["input_size"][0] == 1 else "RGB"  # grey photos for a one-channel model
+    return torch.stack([transform(p.convert(mode)) for p in pictures])
 
 
 def _read_image(path: Path):
