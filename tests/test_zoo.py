@@ -17,11 +17,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FILE = "vit_fashion_mnist.safetensors"
 
 
+def shipped():
+    """The shipped model with its weights, read from the package (vitidle.models.create: never a download here)."""
+    return vitidle.models.create("vit_fashion_mnist")
+
+
 def test_shipped_weights_are_the_published_bytes_and_load_strictly():
     path = zoo.check_weights(FILE)
     assert path.stat().st_size <= 5 * 2**20
     state = load_file(path)
-    model = timm.create_model("vit_fashion_mnist", pretrained=True)
+    model = shipped()
     assert state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert state[key].shape == value.shape and (state[key].float() == value).all(), key  # fp16 stored, exact
@@ -52,7 +57,7 @@ def test_the_shipped_model_scores_as_published():
     from vitidle.train.recipe import DataSection
 
     sample = DataSection(dataset="fashion_mnist", val_split="test", val_limit=2000)  # the first 2,000 test images
-    result = evaluate(timm.create_model("vit_fashion_mnist", pretrained=True), sample, batch_size=250, num_workers=0)
+    result = evaluate(shipped(), sample, batch_size=250, num_workers=0)
     assert result["images"] == 2000
     assert abs(result["top1"] - published_top1("dense (shipped)")) <= 1.5
     idle = evaluate(vitidle.convert("vit_fashion_mnist", keep=0.7), sample, batch_size=250, num_workers=0)
