@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm
 from safetensors.torch import load_file
 
 import vitidle
