@@ -200,26 +200,25 @@ def build_datasets(data: DataSection, input_config: dict, seed: int = 0) -> tupl
 
     Set `dataset.transformed.epoch` at each epoch: it seeds the augmentations with the seed.
     """
-    mode = "L" if input_config["input_size"][0] == 1 else "RGB"
     train_tf, eval_tf = transforms(data, input_config)
-    out = []
-    for split, tf, limit in ((data.train_split, train_tf, data.train_limit), (data.val_split, eval_tf, data.val_limit)):
-        ds = raw_dataset(data, split, mode)
-        classes = num_classes_of(ds)
-        transformed = ds = Transformed(ds, tf, mode, seed)
-        if limit is not None and limit < len(ds):
-            ds = Subset(ds, range(limit))
-        ds.num_classes, ds.transformed = classes, transformed
-        out.append(ds)
-    return out[0], out[1]
+    return (split_dataset(data, data.train_split, train_tf, data.train_limit, input_config, seed),
+            split_dataset(data, data.val_split, eval_tf, data.val_limit, input_config, seed))
 
 
 def eval_dataset(data: DataSection, input_config: dict) -> Dataset:
     """The eval split (`data.val_split`) with the model's eval transform, limited to `data.val_limit` images."""
+    return split_dataset(data, data.val_split, transforms(data, input_config)[1], data.val_limit, input_config)
+
+
+def split_dataset(data: DataSection, split: str, transform, limit: int | None, input_config: dict,
+                  seed: int = 0) -> Dataset:
+    """One split, transformed, cut to `limit` images; `.num_classes` and `.transformed` (the epoch knob) set."""
     mode = "L" if input_config["input_size"][0] == 1 else "RGB"
-    ds = raw_dataset(data, data.val_split, mode)
-    ds = Transformed(ds, transforms(data, input_config)[1], mode)
-    return Subset(ds, range(data.val_limit)) if data.val_limit is not None and data.val_limit < len(ds) else ds
+    transformed = ds = Transformed(raw_dataset(data, split, mode), transform, mode, seed)
+    if limit is not None and limit < len(ds):
+        ds = Subset(ds, range(limit))
+    ds.num_classes, ds.transformed = num_classes_of(transformed.dataset), transformed
+    return ds
 
 
 def mixup_fn(data: DataSection, num_classes: int):
