@@ -5,6 +5,7 @@ Prints one Markdown table over keep ratios (`vitidle bench` does one model at a 
     python benchmarks/speed.py                      # deit_small, keep 0.7 and 0.5, batch 1 and 16
     python benchmarks/speed.py --keep 0.7 --batch 16 --repeats 30 --no-onnx
     python benchmarks/speed.py --device cuda --cuda-graphs --batch 1 16 256
+    python benchmarks/speed.py --compile --no-onnx  # dense, idle and limit all under torch.compile (CPU too)
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true", help="TorchScript exporter for onnxruntime")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for PyTorch (onnxruntime runs on CPU)")
     parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile all three models alike, compiled outside the clock (CPU or CUDA)")
     parser.add_argument("--no-freeze", action="store_true", help="time the idle model without vitidle.freeze")
     args = parser.parse_args()
 

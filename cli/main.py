@@ -181,14 +181,28 @@ vitidle.json was written): in a folder where you ran 'vitidle convert --model de
 @click.option("--dense", is_flag=True, help="Export the dense base model with the same weights (the baseline).")
 @click.option("--legacy", is_flag=True, help="Use torch's TorchScript exporter instead of the dynamo exporter.")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
-@click.option("--atol", type=click.FloatRange(min=0.0), default=1e-4, show_default=True,
-              help="Largest |onnxruntime - PyTorch| output difference the parity gate accepts.")
+@click.option("--int8", is_flag=True,
+              help="int8 weights: onnxruntime's dynamic quantization of the checked float32 export, gated by "
+                   "--max-rel-diff and --min-top1.  [default file: MODEL/model.int8.onnx]")
+@click.option("--fp16", is_flag=True,
+              help="float16 weights and arithmetic (inputs and outputs stay float32), gated like --int8.  "
+                   "[default file: MODEL/model.fp16.onnx]")
+@click.option("--atol", type=click.FloatRange(min=0.0),
+              help="Largest |onnxruntime - PyTorch| output difference the parity gate accepts.  "
+                   "[default: 1e-4; none with --int8 or --fp16]")
+@click.option("--max-rel-diff", type=click.FloatRange(min=0.0),
+              help="Largest median, over the images, of max |onnxruntime - PyTorch| / the range of the image's "
+                   "PyTorch outputs.  [default: 0.1 with --int8, 0.01 with --fp16, none otherwise]")
+@click.option("--min-top1", type=click.FloatRange(0.0, 1.0),
+              help="Least share of the photos with PyTorch's top-1 class.  [default: 0.85 with --int8 or --fp16, "
+                   "else 1]")
 @click.option("--images", type=click.Path(exists=True, file_okay=False),
               help="Folder of photos for the top-1 check.  [default: scikit-image's sample photos]")
 @click.option("--check-only", is_flag=True, help="Run the parity gate on an existing ONNX file; export nothing.")
 @click.option("--force", is_flag=True, help="Replace an existing ONNX file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the parity report as JSON.")
-def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_only, force, as_json):
+def export(model, to_onnx, output, dense, legacy, opset, int8, fp16, atol, max_rel_diff, min_top1, images, check_only,
+           force, as_json):
     """Export a converted model to ONNX and prove onnxruntime matches PyTorch.
 
     The file is exported to a temporary folder, checked with onnx.checker (full check), then run by
@@ -196,6 +210,10 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
     and 4 and on photos, with the same top-1 class. Only then is it moved into place; on a mismatch
     the command exits 1 with the largest difference and writes nothing. Dynamic batch axis;
     weights go to FILE.data when they pass protobuf's 2 GiB.
+
+    With --int8 or --fp16 the float32 export passes that gate first, is then converted, and the
+    converted file must keep the typical image's outputs within --max-rel-diff of its logit range and
+    the top-1 class of at least --min-top1 of the photos.
     """
     from pathlib import Path
 
@@ -207,24 +225,33 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
     given = _options_given(("legacy", "opset", "force"))
     if check_only and given:
         raise click.UsageError(f"{', '.join(given)} only apply to an export, not to --check-only")
+    if int8 and fp16:
+        raise click.UsageError("choose one of --int8 and --fp16")
+    precision, suffix = ("int8", ".int8") if int8 else ("float16", ".fp16") if fp16 else ("float32", "")
     folder = _model_folder(model)
-    target = Path(output) if output else folder / ("dense.onnx" if dense else "model.onnx")
+    target = Path(output) if output else folder / f"{'dense' if dense else 'model'}{suffix}.onnx"
     net = vitidle.load(folder, dense=dense)
+    gate = dict(precision=precision, atol=atol, max_rel_diff=max_rel_diff, min_top1=min_top1, images=images)
     if check_only:
-        report = check_onnx(net, target, atol=atol, images=images)
+        report = check_onnx(net, target, **gate)
     else:
-        report = export_onnx(net, target, opset=opset, legacy=legacy, atol=atol, images=images, force=force)
+        report = export_onnx(net, target, opset=opset, legacy=legacy, force=force, **gate)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    agree = "n/a (no class logits)" if report.top1_agreement is None else f"{100 * report.top1_agreement:.0f}%"
+    agree = "n/a (no class logits)" if report.top1_agreement is None else f"{100 * report.top1_agreement:.0f}%" + \
+        (f" (at least {100 * report.min_top1:.0f}%)" if report.min_top1 < 1 else "")
     size = sum(p.stat().st_size for p in (target, data_path(target)) if p.exists())
+    bounds = [f"atol {report.atol:g}"] if report.atol is not None else []
     _print_table([
         ("model", f"{folder}/" + (" (dense)" if dense else "")),
-        ("onnx", f"{target} ({size / 2**20:.1f} MiB, opset {report.opset}"
+        ("onnx", f"{target} ({size / 2**20:.1f} MiB, {precision}, opset {report.opset}"
                  + (f", {report.exporter} exporter)" if report.exporter else ")")),
-        ("max diff", f"{report.max_diff:.2e} (atol {report.atol:g}; batch "
+        ("max diff", f"{report.max_diff:.2e} ({'; '.join(bounds + [''])}batch "
                      f"{', '.join(map(str, report.batch_sizes))} and {report.images} photos)"),
+        *([("rel diff", f"{100 * report.rel_diff_median:.3g}% of an image's output range at the median (at most "
+                        f"{100 * report.max_rel_diff:g}%), {100 * report.rel_diff_max:.3g}% at the largest")]
+          if report.max_rel_diff is not None else []),
         ("top-1 agree", agree),
         ("parity", "passed" + ("" if check_only else ": written")),
     ])
@@ -243,7 +270,9 @@ def export(model, to_onnx, output, dense, legacy, opset, atol, images, check_onl
 @click.option("--legacy", is_flag=True, help="Export for onnxruntime with the TorchScript exporter.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for PyTorch.")
 @click.option("--cuda-graphs", is_flag=True, help="With --device cuda: replay a captured CUDA graph per batch size.")
-@click.option("--compile", "use_compile", is_flag=True, help="With --device cuda: torch.compile the models.")
+@click.option("--compile", "use_compile", is_flag=True,
+              help="torch.compile dense, idle and the limit alike (CPU or CUDA), each compiled by an untimed first "
+                   "call per batch size; the compile seconds are reported.")
 @click.option("--no-freeze", is_flag=True,
               help="Time the idle model as trained, not frozen for inference (vitidle.freeze: it reuses a product of "
                    "the weights).")
@@ -275,8 +304,11 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     if threads:
         torch.set_num_threads(threads)
     if model_name:
+        from vitidle import hf
         from vitidle.models import create
 
+        if hf.is_hf_name(model_name):  # hf:ORG/NAME or hf:./FOLDER, as in 'vitidle convert'
+            create = hf.create
         kwargs = _parse_model_args(model_arg)
         dense = create(model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
         idle = vitidle.convert(copy.deepcopy(dense), keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
@@ -304,11 +336,67 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
         ("GMACs", f"dense {g['dense']:.2f}, idle {g['idle']:.2f}, limit {g['limit']:.2f}"),
         ("device", f"{report['device']} ({report['device_name']}), {report['threads']} threads, "
                    + ", ".join(f"{k} {v}" for k, v in report["versions"].items())),
+        *([("compile", "dense, idle and limit under torch.compile (static shapes), each compiled by an untimed first "
+                       "call per batch size (its seconds: the table's last column)")] if use_compile else []),
         ("timing", f"median of {report['repeats']} interleaved rounds after {report['warmup']} warm-up calls; "
                    "speedups and % of limit from ratios within each round"),
     ] + ([("onnxruntime", f"skipped: {report['onnxruntime_skipped']}")] if "onnxruntime_skipped" in report else []))
     click.echo("")
     click.echo(markdown_table(report["results"]))
+
+
+@cli.command(epilog=MODEL_LOOKUP)
+@click.argument("paths", nargs=-1, metavar="[MODEL] IMAGE...")
+@conversion_options(required=False)
+@click.option("--layers", metavar="BLOCKS", help="Idle blocks to draw, e.g. 3,6,9-11.  [default: every idle block]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default="visualize.png", show_default=True,
+              help="PNG file to write (replaced if it exists).")
+def visualize(paths, model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, layers, output):
+    """Draw which image patches each idle layer keeps: one panel per idle block over each image.
+
+    Each IMAGE goes through the model's own preprocessing (timm's eval transform for its input
+    config); idle patches are tinted, kept patches clear, and each panel's title gives the kept count.
+    One row per image. MODEL is a model folder; with --model, the model is created and converted on
+    the fly (the conversion options as in 'vitidle convert') instead.
+    """
+    from pathlib import Path
+
+    import vitidle
+    from vitidle.visualize import check_output, parse_layers
+
+    paths = list(paths)
+    model = paths.pop(0) if paths and Path(paths[0]).is_dir() else None
+    given = _options_given(CONVERSION_PARAMS)
+    if model_name and model:
+        raise click.UsageError("pass either MODEL or --model, not both")
+    if given and not model_name:
+        raise click.UsageError(f"{', '.join(given)} only apply with --model (a model folder keeps its own plan and "
+                               "weights)")
+    if not paths:
+        raise click.UsageError("give at least one IMAGE file")
+    blocks = parse_layers(layers) if layers is not None else None
+    check_output(output)  # before the model is made
+    if model_name:
+        from vitidle import hf
+        from vitidle.models import create
+
+        if hf.is_hf_name(model_name):
+            create = hf.create
+        kwargs = _parse_model_args(model_arg)
+        net = create(model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
+        net = vitidle.convert(net, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
+        source = f"{net.vitidle_config['base_model']} (converted on the fly)"
+    else:
+        folder = _model_folder(model)
+        net, source = vitidle.load(folder), f"{folder}/"
+    masks = vitidle.visualize(net, paths, output, layers=blocks)
+    num_patches = next(iter(masks.values())).shape[1:].numel()
+    _print_table([
+        ("model", source),
+        ("images", f"{len(paths)} ({', '.join(Path(p).name for p in paths)})"),
+        ("kept", ", ".join(f"block {b}: {int(m[0].sum())}/{num_patches}" for b, m in masks.items())),
+        ("output", str(output)),
+    ])
 
 
 TIMM_DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm.data.create_dataset's readers

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ from conftest import images, tiny
 from test_cli import TINY_ARGS, assert_one_error_line, run
 
 import vitidle
-from vitidle.bench import bench, iters_for, limit_model, markdown_table, speed_row, time_interleaved
+from vitidle.bench import (
+    TokenCount, bench, compile_limits, iters_for, limit_model, markdown_table, speed_row, time_interleaved,
+)
 from vitidle.errors import UsageError
 
 ROW_KEYS = {
@@ -116,8 +119,99 @@ def test_bench_refuses_cuda_options_it_cannot_honour(pair):
             bench(dense, idle, device="cuda", repeats=1)
     with pytest.raises(UsageError, match="--device cuda only"):
         bench(dense, idle, cuda_graphs=True, repeats=1)
-    with pytest.raises(UsageError, match="--device cuda only"):
-        bench(dense, idle, compile=True, repeats=1)
+
+
+# --- torch.compile -------------------------------------------------------------------------------------------
+
+def test_compiled_idle_model_equals_eager_on_cpu():
+    """Inductor on CPU, one graph (fullgraph), the batch-1 path and the batched one: the same outputs to 1e-6
+    and the same kept tokens. The first run here compiles C++ kernels (~20 s on 2 busy cores); later runs
+    read torch's kernel cache."""
+    torch.manual_seed(0)
+    dense = tiny("deit_tiny_patch16_224", depth=1, img_size=32, patch_size=8, embed_dim=64, num_heads=2)
+    idle = vitidle.freeze(vitidle.convert(dense, 0.5))  # one idle block: 8 of 16 image tokens
+    selector = idle.blocks[0].selector
+    compiled = torch.compile(idle, fullgraph=True)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            eager, kept = idle(x), selector.kept_index
+            selector.kept_index = None
+            out = compiled(x)
+        torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+        assert torch.equal(selector.kept_index.sort(1).values, kept.sort(1).values)
+
+
+class FakeCompile:
+    """Stands in for torch.compile: records what was compiled and how; a model's first call at each input
+    shape sleeps, as compiling does."""
+
+    def __init__(self, seconds: float = 0.05):
+        self.seconds, self.compiled, self.events = seconds, [], []
+
+    def __call__(self, model, **options):
+        self.compiled.append((model, options))
+        shapes = set()
+
+        def run(x):
+            if x.shape not in shapes:
+                shapes.add(x.shape)
+                self.events.append(("compile", id(model), x.shape[0]))
+                time.sleep(self.seconds)
+            return model(x)
+
+        return run
+
+
+def test_bench_compiles_all_three_alike_on_cpu_and_outside_the_clock(pair, monkeypatch):
+    dense, idle = pair
+    fake = FakeCompile()
+    monkeypatch.setattr(torch, "compile", fake)
+    real = vitidle.bench.time_interleaved
+    monkeypatch.setattr(vitidle.bench, "time_interleaved",
+                        lambda fns, *a, **k: (fake.events.append(("timing",)), real(fns, *a, **k))[1])
+    report = bench(dense, idle, batch_sizes=(1, 2), repeats=1, warmup=0, onnx=False, compile=True)
+
+    # dense, idle and the limit, each compiled once with the same options: the limit is compiled as dense is
+    models = [m for m, _ in fake.compiled]
+    assert len(models) == 3 and models[0] is dense and models[1] is idle
+    assert any(isinstance(m, TokenCount) for m in models[2].modules())
+    assert len({repr(sorted(o.items())) for _, o in fake.compiled}) == 1
+    # every model compiles at each batch size before that batch size's clock starts
+    assert fake.events == [*(("compile", id(m), 1) for m in models), ("timing",),
+                           *(("compile", id(m), 2) for m in models), ("timing",)]
+    assert report["warmup"] >= 2  # calls after the compiling one, before the clock
+    for row in report["results"]:
+        assert row["runtime"] == "torch.compile"
+        assert set(row) == ROW_KEYS | {"compile_s"}
+        assert set(row["compile_s"]) == {"dense", "idle", "limit"}
+        assert min(row["compile_s"].values()) >= fake.seconds  # the compiling call is what it reports
+    table = markdown_table(report["results"])
+    assert table.splitlines()[0].endswith("| compile s dense / idle / limit |")
+    json.dumps(report)
+
+
+def test_compile_limits_keep_every_graph():
+    """torch.compile stops compiling after 8 graphs of one function and runs it eager, which would time dense
+    and the limit (one timm forward) eager in a long run. Within `compile_limits` each call gets its graph."""
+    import torch._dynamo
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def add(x, n):
+        return x + n
+
+    torch._dynamo.reset()
+    with compile_limits():
+        fn = torch.compile(add, backend=backend, dynamic=False)
+        for n in range(12):  # each constant is a graph of its own
+            assert fn(torch.zeros(1), n).item() == n
+    assert len(graphs) == 12
+    torch._dynamo.reset()
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -154,6 +248,16 @@ def test_bench_converts_on_the_fly_and_prints_a_table(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| pytorch") or line.startswith("| onnxruntime")]
     assert [r.split("|")[1].strip() for r in rows] == ["pytorch", "onnxruntime"]
     assert all(r.rstrip(" |").endswith("%") for r in rows)
+
+
+def test_bench_compile_on_cpu_prints_the_compile_times(capsys, monkeypatch):
+    monkeypatch.setattr(torch, "compile", FakeCompile(0.1))
+    code, out, err = run(capsys, "bench", *TINY_ARGS, "--keep", "0.5", *FAST, "--no-onnx", "--compile")
+    assert code == 0, err
+    assert "torch.compile" in next(line for line in out.splitlines() if line.startswith("compile"))
+    (line,) = [line for line in out.splitlines() if line.startswith("| torch.compile")]
+    seconds = [float(v) for v in line.split("|")[-2].split("/")]  # compile seconds of dense / idle / limit
+    assert len(seconds) == 3 and min(seconds) > 0
 
 
 @pytest.mark.parametrize("args, message", [
@@ -204,6 +308,10 @@ def test_markdown_table_formats_every_row():
     assert lines[0].startswith("| runtime | batch | dense ms") and lines[1].count("---") == 10
     assert lines[2] == "| onnxruntime | 4 | 40.00 | 25.00 | 20.00 | 100.0 | 160.0 | 1.60x | 2.00x | 80.0% |"
     assert lines[3].startswith("| pytorch |")
+    compiled = {**row, "runtime": "torch.compile", "compile_s": {"dense": 12.34, "idle": 20.0, "limit": 9.96}}
+    lines = markdown_table([compiled, row]).splitlines()
+    assert lines[1].count("---") == 11
+    assert lines[2].endswith("| 80.0% | 12.3 / 20.0 / 10.0 |") and lines[3].endswith("| 80.0% | - |")
 
 
 def test_bench_prints_the_plan_the_model_runs(capsys, tmp_path):

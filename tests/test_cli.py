@@ -236,7 +236,8 @@ def test_installed_console_script():
 SMALL_ARGS = ["--model", "deit_tiny", "--keep", "0.5", "--no-pretrained", "--model-arg", "depth=2",
               "--model-arg", "img_size=32"]
 FOLDER = "deit_tiny_patch16_224-idle"  # convert's default output folder
-REPORT_KEYS = {"file", "exporter", "opset", "outputs", "batch_sizes", "max_diff", "atol", "images", "top1_agreement"}
+REPORT_KEYS = {"file", "exporter", "opset", "outputs", "batch_sizes", "max_diff", "atol", "images", "top1_agreement",
+               "precision", "rel_diff_median", "rel_diff_max", "max_rel_diff", "min_top1"}
 
 
 def table(stdout):

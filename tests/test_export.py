@@ -16,7 +16,8 @@ from vitidle.errors import OnnxError, ParityError, UsageError
 from vitidle.export import ParityReport, check_onnx, export_onnx
 
 SMALL = {"depth": 2, "img_size": 32}  # 4 image tokens; both blocks idle at keep 0.5 (2, then 1 token)
-REPORT_KEYS = {"file", "exporter", "opset", "outputs", "batch_sizes", "max_diff", "atol", "images", "top1_agreement"}
+REPORT_KEYS = {"file", "exporter", "opset", "outputs", "batch_sizes", "max_diff", "atol", "images", "top1_agreement",
+               "precision", "rel_diff_median", "rel_diff_max", "max_rel_diff", "min_top1"}
 
 
 def converted(name="deit_tiny", keep=0.5, **kwargs):
@@ -344,6 +345,8 @@ def test_report_schema(exported):
         assert isinstance(data["atol"], float) and data["atol"] == 1e-4
         assert type(data["images"]) is int and data["images"] == 7  # scikit-image's sample photos
         assert isinstance(data["top1_agreement"], float) and data["top1_agreement"] == 1.0
+        assert data["precision"] == "float32" and data["max_rel_diff"] is None and data["min_top1"] == 1.0
+        assert 0 <= data["rel_diff_median"] <= data["rel_diff_max"] < 1e-4  # per image, of its logit range
     assert report.to_dict()["exporter"] == "torchscript"
     assert check_onnx(model, path).to_dict()["exporter"] is None  # a check exports nothing
 
@@ -357,3 +360,177 @@ def test_photos_passed_in_are_the_ones_compared(exported, monkeypatch):
     assert report.images == 5 and report.top1_agreement == 1.0
     with pytest.raises(UsageError, match=r"the photos are \[2, 3, 48, 48\]; the model takes \(B, 3, 32, 32\)"):
         check_onnx(model, path, images=torch.randn(2, 3, 48, 48))
+
+
+# int8 and float16 files
+
+
+def run_cli(*args):
+    """`vitidle ARGS` in-process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from vitidle_cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    return info.value.code or 0, out.getvalue(), err.getvalue()
+
+
+def float32_bytes(model):
+    return sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
+
+
+def initializer_bytes(path):
+    """{numpy dtype name: bytes} of the file's weights."""
+    from onnx import numpy_helper
+
+    sizes = {}
+    for t in onnx.load(str(path)).graph.initializer:
+        a = numpy_helper.to_array(t)
+        sizes[a.dtype.name] = sizes.get(a.dtype.name, 0) + a.nbytes
+    return sizes
+
+
+@pytest.fixture(scope="module")
+def fashion_int8(tmp_path_factory):
+    """(folder, JSON report) of `vitidle export --onnx --int8` on the shipped vit_fashion_mnist (real weights,
+    keep 0.5): random-init scores nearly tie, so only trained weights show what int8 does to a selection."""
+    folder = tmp_path_factory.mktemp("int8") / "fashion-idle"
+    vitidle.save(vitidle.convert("vit_fashion_mnist", keep=0.5), folder)
+    code, stdout, err = run_cli("export", folder, "--onnx", "--int8", "--legacy", "--json")
+    assert code == 0, err
+    return folder, json.loads(stdout)
+
+
+def test_int8_export_passes_a_gate_that_fits_quantization(fashion_int8):
+    folder, report = fashion_int8
+    path = folder / "model.int8.onnx"
+    assert listing(folder) == ["model.int8.onnx", "model.safetensors", "vitidle.json"]  # no float32 file left
+    assert set(report) == REPORT_KEYS and report["file"] == str(path)
+    assert report["precision"] == "int8" and report["atol"] is None
+    assert report["max_rel_diff"] == 0.1 and report["min_top1"] == 0.85  # the int8 defaults
+    assert 1e-4 < report["rel_diff_median"] <= 0.05  # int8 moves the logits (measured: 0.02)
+    assert report["rel_diff_median"] <= report["rel_diff_max"]
+    assert 0.85 <= report["top1_agreement"] <= 1 and report["images"] == 7
+    model = vitidle.load(folder)
+    # int8 weights, and no float32 copy of them: the selector's W_q and W_k are folded into one product
+    sizes = initializer_bytes(path)
+    assert sizes["int8"] > float32_bytes(model) / 4 * 0.9
+    assert sizes.get("float32", 0) < float32_bytes(model) / 20
+    assert path.stat().st_size < float32_bytes(model) / 2.5
+    graph = onnx.load(str(path)).graph
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in graph.node}
+    assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [onnx.TensorProto.FLOAT] * 2
+    # the Python API measures the same
+    again = check_onnx(model, path, precision="int8")
+    assert (again.rel_diff_median, again.top1_agreement) == (report["rel_diff_median"], report["top1_agreement"])
+
+
+def test_int8_check_only_prints_both_numbers_and_a_too_strict_bound_fails_in_one_line(fashion_int8):
+    folder, report = fashion_int8
+    before = (folder / "model.int8.onnx").read_bytes()
+    code, stdout, err = run_cli("export", folder, "--onnx", "--int8", "--check-only")
+    assert code == 0, err
+    rows = {line[:13].rstrip(): line[13:] for line in stdout.splitlines()}
+    assert "int8" in rows["onnx"] and "model.int8.onnx" in rows["onnx"]
+    assert rows["rel diff"].startswith(f"{100 * report['rel_diff_median']:.3g}% of an image's output range")
+    assert "(at most 10%)" in rows["rel diff"]
+    assert rows["top-1 agree"] == f"{100 * report['top1_agreement']:.0f}% (at least 85%)"
+    code, stdout, err = run_cli("export", folder, "--onnx", "--int8", "--check-only", "--max-rel-diff", "1e-5")
+    assert code == 1 and stdout == ""
+    assert err.count("\n") == 1 and err.startswith("vitidle: error: ONNX parity failed: the median image's")
+    assert "max_rel_diff 1e-05" in err and "Traceback" not in err
+    assert (folder / "model.int8.onnx").read_bytes() == before
+
+
+def test_a_too_strict_int8_gate_raises_and_writes_nothing(tmp_path):
+    torch.manual_seed(0)
+    with pytest.raises(ParityError) as info:
+        export_onnx(converted(), tmp_path / "model.int8.onnx", legacy=True, precision="int8", max_rel_diff=1e-6)
+    message = str(info.value)
+    assert "\n" not in message and "max_rel_diff 1e-06" in message
+    assert info.value.max_diff > 0
+    assert listing(tmp_path) == []  # no int8 file, no float32 file, no temp folder
+
+
+def test_the_float32_gate_comes_first(tmp_path, monkeypatch):
+    # bounds loose enough for any output: only the float32 gate can refuse this export of another model
+    calls = perturbing_export(monkeypatch)
+    with pytest.raises(ParityError, match=r"^the float32 export, before the int8 conversion: ONNX parity failed"):
+        export_onnx(converted(), tmp_path / "model.onnx", legacy=True, precision="int8", max_rel_diff=1e9,
+                    min_top1=0.0)
+    assert calls and listing(tmp_path) == []
+
+
+def test_float16_export(tmp_path):
+    torch.manual_seed(0)
+    model = converted()
+    path = tmp_path / "model.fp16.onnx"
+    report = export_onnx(model, path, precision="float16")  # the dynamo exporter
+    assert listing(tmp_path) == ["model.fp16.onnx"] and report.exporter == "dynamo"
+    assert report.precision == "float16" and report.atol is None
+    assert (report.max_rel_diff, report.min_top1) == (0.01, 0.85)
+    assert 0 < report.rel_diff_median <= 0.01 and report.top1_agreement >= 0.85
+    sizes = initializer_bytes(path)
+    assert sizes["float16"] > float32_bytes(model) / 2 * 0.9 and "float32" not in sizes
+    graph = onnx.load(str(path)).graph
+    assert [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)] == [onnx.TensorProto.FLOAT] * 2
+    x = batch(model, 3)  # float32 in, float32 out, close to PyTorch
+    got, want = run_onnx(path, x), torch_out(model, x)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() < 0.01 * (want.max() - want.min())
+
+
+def test_reduce_precision_errors_are_one_line(exported, tmp_path, monkeypatch):
+    import onnxruntime.quantization
+
+    _, path, _ = exported
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("unsupported node\ndetail")
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", fail)
+    with pytest.raises(OnnxError) as info:
+        vitidle.export.reduce_precision(path, tmp_path / "model.int8.onnx", "int8")
+    assert str(info.value) == "the int8 conversion of model.onnx failed: RuntimeError: unsupported node"
+    assert listing(tmp_path) == []  # the folded intermediate is gone too
+
+
+def test_sort_nodes_puts_readers_after_writers():
+    from onnx import TensorProto, helper
+
+    from vitidle.export import sort_nodes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    nodes = [helper.make_node("Neg", ["b"], ["y"]), helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Abs", ["x"], ["a"])]
+    graph = helper.make_graph(nodes, "g", [x], [y])
+    sort_nodes(graph)
+    assert [n.op_type for n in graph.node] == ["Abs", "Relu", "Neg"]
+    onnx.checker.check_model(helper.make_model(graph))
+    cycle = helper.make_graph([helper.make_node("Neg", ["b"], ["a"]), helper.make_node("Neg", ["a"], ["b"])],
+                              "c", [x], [y])
+    with pytest.raises(OnnxError, match="cycle"):
+        sort_nodes(cycle)
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    ({"precision": "int4"}, "precision must be one of float32, int8, float16"),
+    ({"precision": "int8", "min_top1": 1.5}, "min_top1"),
+    ({"precision": "float16", "max_rel_diff": -1.0}, "max_rel_diff"),
+])
+def test_bad_gate_arguments_are_usage_errors(exported, tmp_path, kwargs, text):
+    model, path, _ = exported
+    with pytest.raises(UsageError, match=text):
+        export_onnx(model, tmp_path / "model.onnx", legacy=True, **kwargs)
+    with pytest.raises(UsageError, match=text):
+        check_onnx(model, path, **kwargs)
+    assert listing(tmp_path) == []
+
+
+def test_int8_and_fp16_together_is_a_usage_error(tmp_path):
+    code, _, err = run_cli("export", tmp_path, "--onnx", "--int8", "--fp16")
+    assert code == 2 and "choose one of --int8 and --fp16" in err and err.count("\n") == 1

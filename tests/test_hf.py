@@ -28,10 +28,20 @@ MODELS = {  # name -> (config class, model class, prefix tokens)
 CASES = [(name, impl) for name in MODELS for impl in ("sdpa", "eager")]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (these tiny models run several times faster without a thread pool on a busy machine),
+    reset after; the value is what `vitidle bench` takes for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
 def dense_model(name: str = "vit", impl: str = "sdpa", **overrides) -> torch.nn.Module:
     config_cls, model_cls, _ = MODELS[name]
     torch.manual_seed(0)
-    return model_cls(config_cls(**SIZE, attn_implementation=impl, **overrides)).eval()
+    return model_cls(config_cls(**{**SIZE, **overrides}, attn_implementation=impl)).eval()
 
 
 def first(output) -> torch.Tensor:
@@ -96,8 +106,20 @@ def test_an_exported_model_gets_a_filled_mask_and_equals_eager():
     x = images(2)
     with torch.no_grad():
         want = first(model(x))
+        masks = []
+        hooks = [layer.register_forward_pre_hook(lambda m, args: masks.append(args[1]))
+                 for layer in layers_of(model)]
         exported = torch.export.export(model, (x,), strict=False).module()  # passes a (B, 1, N, N) float mask
+        assert [tuple(m.shape) for m in masks] == [(2, 1, 18, 18)] * 4
         torch.testing.assert_close(first(exported(images(2))), want, rtol=0, atol=1e-6)
+        # what `vitidle export` exports (one tensor out) is traced without a mask to build and gather, as eager runs
+        wrapped = hf.TensorOutput(model)
+        masks.clear()
+        exported = torch.export.export(wrapped, (x,), strict=False).module()
+        assert masks == [None] * 4
+        torch.testing.assert_close(exported(images(2)), want, rtol=0, atol=1e-6)
+        for hook in hooks:
+            hook.remove()
     mask = torch.zeros(2, 1, 18, 18)
     mask[..., 0] = -1e9  # a real mask: no token may attend to the class token
     layer = layers_of(model)[2]
@@ -160,6 +182,10 @@ def test_save_load_and_the_dense_class_reads_the_weights(tmp_path, name):
         plain = type(dense)(dense.config).eval()
         plain.load_state_dict(load_file(tmp_path / "m" / "model.safetensors"), strict=True)
         assert torch.equal(first(plain(x)), first(dense(x)))
+        # the model folder has HF's config.json: the dense class's from_pretrained reads it as it is
+        assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == [type(dense).__name__]
+        direct = type(dense).from_pretrained(tmp_path / "m").eval()
+        assert torch.equal(first(direct(x)), first(dense(x)))
         # save_pretrained of a converted model is a folder the dense class loads
         model.save_pretrained(tmp_path / "pretrained")
         again = type(dense).from_pretrained(tmp_path / "pretrained").eval()
@@ -169,24 +195,35 @@ def test_save_load_and_the_dense_class_reads_the_weights(tmp_path, name):
 
 def twin(name: str):
     """A timm ViT and the HF model holding the same weights (keys mapped here)."""
-    distilled = name == "deit"
-    arch = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
     torch.manual_seed(0)
-    tm = timm.create_model(arch, pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4,
-                           mlp_ratio=2, num_classes=10).eval()
-    hm = dense_model(name, "eager" if distilled else "sdpa", layer_norm_eps=1e-6, num_labels=10)
-    p = "deit." if distilled else "vit."
-    state = {}
+    size = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=4)
+    if name == "dinov2":  # layer scale, no head: timm's pooled class token is HF's pooler_output
+        tm = timm.create_model("vit_small_patch14_dinov2", num_classes=0, **size).eval()
+        with torch.no_grad():
+            for block in tm.blocks:  # away from timm's 1e-5 init, so that every layer moves the tokens
+                block.ls1.gamma.uniform_(0.5, 1.5)
+                block.ls2.gamma.uniform_(0.5, 1.5)
+        hm = dense_model(name, "sdpa", layer_norm_eps=1e-6)
+        p, layers, norms = "", "encoder.layer", ("norm1", "norm2")
+    else:
+        distilled = name == "deit"
+        arch = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+        tm = timm.create_model(arch, mlp_ratio=2, num_classes=10, **size).eval()
+        hm = dense_model(name, "eager" if distilled else "sdpa", layer_norm_eps=1e-6, num_labels=10)
+        p = "deit." if distilled else "vit."
+        layers, norms = f"{p}layers", ("layernorm_before", "layernorm_after")
+    head = "cls_classifier" if name == "deit" else "classifier"
+    state = {k: v for k, v in hm.state_dict().items() if k.endswith("mask_token")}  # HF only (masked pretraining)
     for k, v in tm.state_dict().items():
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
-            layer = f"{p}layers.{i}."
+            layer = f"{layers}.{i}."
             if rest.startswith("attn.qkv."):
                 for proj, part in zip("qkv", v.chunk(3)):
                     state[f"{layer}attention.{proj}_proj.{rest.rpartition('.')[2]}"] = part
                 continue
-            rest = (rest.replace("norm1", "layernorm_before").replace("norm2", "layernorm_after")
-                    .replace("attn.proj", "attention.o_proj"))
+            rest = (rest.replace("norm1", norms[0]).replace("norm2", norms[1]).replace("attn.proj", "attention.o_proj")
+                    .replace("ls1.gamma", "layer_scale1.lambda1").replace("ls2.gamma", "layer_scale2.lambda1"))
             state[layer + rest] = v
             continue
         state[{"cls_token": f"{p}embeddings.cls_token", "dist_token": f"{p}embeddings.distillation_token",
@@ -194,26 +231,32 @@ def twin(name: str):
                "patch_embed.proj.weight": f"{p}embeddings.patch_embeddings.projection.weight",
                "patch_embed.proj.bias": f"{p}embeddings.patch_embeddings.projection.bias",
                "norm.weight": f"{p}layernorm.weight", "norm.bias": f"{p}layernorm.bias",
-               "head.weight": "cls_classifier.weight" if distilled else "classifier.weight",
-               "head.bias": "cls_classifier.bias" if distilled else "classifier.bias",
+               "head.weight": f"{head}.weight", "head.bias": f"{head}.bias",
                "head_dist.weight": "distillation_classifier.weight",
                "head_dist.bias": "distillation_classifier.bias"}[k]] = v
     hm.load_state_dict(state, strict=True)
     return tm, hm
 
 
-@pytest.mark.parametrize("name", ["vit", "deit"])
+def pooled(output) -> torch.Tensor:
+    """What a timm model returns: logits, else the pooled class token."""
+    return output.logits if getattr(output, "logits", None) is not None else output.pooler_output
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2"])
 def test_a_timm_vit_and_its_hf_twin_keep_the_same_tokens_and_logits(name):
     tm, hm = twin(name)
     x = images(4)
     with torch.no_grad():
-        torch.testing.assert_close(hm(x).logits, tm(x), rtol=0, atol=1e-5)  # the twins are twins
+        torch.testing.assert_close(pooled(hm(x)), tm(x), rtol=0, atol=1e-5)  # the twins are twins
+        dense_out = tm(x)
         tm, hm = vitidle.convert(tm, keep=0.7), vitidle.convert(hm, keep=0.7)
-        got, want = hm(x).logits, tm(x)
+        got, want = pooled(hm(x)), tm(x)
     for block, layer in zip(tm.blocks[1:], layers_of(hm)[1:]):
         assert block.selector.num_keep == layer.selector.num_keep
         assert torch.equal(block.selector.kept_index.sort(1).values, layer.selector.kept_index.sort(1).values)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert not torch.allclose(want, dense_out, atol=1e-3)  # idling changed the output: the twins agree on it
 
 
 @pytest.mark.parametrize("model", [
@@ -298,3 +341,117 @@ def test_eval_reads_an_hf_model_folder(tmp_path, capsys, folder):
         results[bool(extra)] = json.loads(out)
     assert results[False]["images"] == results[True]["images"] == 16
     assert results[True]["gmacs"] > results[False]["gmacs"]
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip"])
+def test_an_idle_layer_norms_once_and_equals_norming_again(name, monkeypatch):
+    model = vitidle.convert(dense_model(name), keep=0.5)
+    x = images()
+    calls = []
+    layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda t, *a, **k: calls.append(t.shape[1]) or
+                        layer_norm(t, *a, **k))
+    with torch.no_grad():
+        once = first(model(x))
+        norms_once = len(calls)
+        for layer in layers_of(model)[1:]:  # the dense norm class: the idle layer norms its kept tokens again
+            norm = layer.get_submodule(layer.vitidle_layer.norm)
+            assert isinstance(norm, hf.ReusedNorm) and norm.vitidle_given is None  # nothing held after a forward
+            norm.__class__ = norm.vitidle_base
+        calls.clear()
+        again = first(model(x))
+    assert len(calls) == norms_once + 3  # one more norm in each of the 3 idle layers
+    assert torch.equal(once, again)
+
+
+def test_gmacs_of_an_hf_model_equal_the_closed_form():
+    from test_flops import vit_macs  # the timm tests' closed form: the same blocks, scoring included
+
+    from vitidle.bench import limit_model
+    from vitidle.flops import count_macs
+
+    dense = dense_model("vit", intermediate_size=128, num_labels=10)  # MLP ratio 4, as the closed form has it
+    assert count_macs(dense) == vit_macs([17] * 4, 32, 16, 8, 10)
+    tokens = [17, 1 + 11, 1 + 7, 1 + 5]  # layer 0 dense, then the class token + 11, 7, 5 image tokens
+    outputs = []
+    for frozen in (False, True):
+        model = vitidle.freeze(vitidle.convert(copy.deepcopy(dense), keep=0.7), frozen)
+        assert count_macs(model) == vit_macs(tokens, 32, 16, 8, 10, idle_tokens=17, frozen=frozen)
+        with torch.no_grad():
+            outputs.append((first(model(images())), [s.kept_index for s in vitidle.idle_selectors(model)]))
+        # bench's limit: the same layers at the same counts, with no scoring
+        assert count_macs(limit_model(dense, model)) == vit_macs(tokens, 32, 16, 8, 10)
+    (thawed, thawed_kept), (frozen, frozen_kept) = outputs  # freeze scores with W_qᵀ W_k: the same tokens, outputs
+    assert all(torch.equal(a.sort(1).values, b.sort(1).values) for a, b in zip(thawed_kept, frozen_kept))
+    torch.testing.assert_close(frozen, thawed, rtol=0, atol=1e-6)
+
+
+def test_the_limit_runs_each_layer_on_its_count_with_masks_cut_alike():
+    from vitidle.bench import limit_model
+
+    dense = dense_model("deit", "eager")
+    idle = vitidle.convert(copy.deepcopy(dense), plan="1-2:0.5")  # layer 3 dense again: the limit pads back to N
+    limit = limit_model(dense, idle)
+    assert not any(isinstance(m, hf.Swapped) for m in dense.modules())  # a copy was changed, not the dense model
+    limit_layers = [limit.get_submodule(name) for name in idle.vitidle_config["layout"]["blocks"]]
+    seen = []
+    for layer in limit_layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        assert first(limit(images())).shape == first(dense(images())).shape
+    assert seen == [18, 18, 10, 10]  # inputs: layer 1 cuts to 2 + 8 tokens, layer 3 pads to 18
+    layer = limit_layers[1]
+    h, mask = torch.randn(2, 18, 32), torch.zeros(2, 1, 18, 18)
+    mask[..., 3] = -1e9  # no token may attend to token 3: the limit keeps it, and its mask with it
+    dense_layer = copy.deepcopy(layer)
+    dense_layer.__class__ = layer.vitidle_base
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, mask), dense_layer(h[:, :10], mask[..., :10, :10]), rtol=0, atol=0)
+
+
+def saved_folder(tmp_path, name: str = "deit", **overrides):
+    vitidle.save(vitidle.convert(dense_model(name, **overrides), keep=0.5), tmp_path / name)
+    return tmp_path / name
+
+
+def test_cli_exports_an_hf_folder_behind_the_parity_gate(tmp_path, capsys, one_thread):
+    from vitidle.errors import ParityError
+    from vitidle.export import check_onnx
+
+    folder = saved_folder(tmp_path)  # two prefix tokens
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--onnx", str(folder), "--legacy", "--json"])  # torch.export (dynamo): see above
+    out, err = capsys.readouterr()
+    assert (info.value.code or 0) == 0, err
+    report = json.loads(out)
+    assert report["outputs"] == ["logits"] and report["max_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    model = vitidle.load(folder)
+    with torch.no_grad():
+        model.deit.layers[3].mlp.fc2.weight.mul_(2.0)  # PyTorch no longer computes what the file holds
+    with pytest.raises(ParityError, match="parity failed"):
+        check_onnx(model, folder / "model.onnx")
+    # a model without logits exports its pooled features
+    folder = saved_folder(tmp_path, "dinov2")
+    code, err = cli(capsys, "export", "--onnx", folder, "--legacy", "--dense")
+    assert code == 0 and (folder / "dense.onnx").is_file(), err
+    import onnx
+
+    assert [o.name for o in onnx.load(str(folder / "dense.onnx")).graph.output] == ["features"]
+
+
+def test_cli_benches_an_hf_folder_and_an_hf_name(tmp_path, capsys, one_thread):
+    folder = saved_folder(tmp_path, "vit")
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(folder), "--repeats", "1", "--warmup", "0", "-b", "2", "--legacy", "--json", *one_thread])
+    out, err = capsys.readouterr()
+    assert (info.value.code or 0) == 0, err
+    report = json.loads(out)
+    assert [(r["runtime"], r["batch_size"]) for r in report["results"]] == [("pytorch", 2), ("onnxruntime", 2)]
+    assert report["plan"]["num_keep"] == [None, 8, 4, 2] and report["frozen"]
+    # --model hf:FOLDER converts on the fly (the vitidle folder is a save_pretrained folder too: config.json)
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--model", f"hf:{folder}", "--keep", "0.7", "--repeats", "1", "--warmup", "0", "-b", "1",
+              "--no-onnx", "--json", *one_thread])
+    out, err = capsys.readouterr()
+    assert (info.value.code or 0) == 0, err
+    assert json.loads(out)["plan"]["num_keep"] == [None, 11, 7, 5]

@@ -12,5 +12,7 @@ from .errors import VitidleError  # noqa: E402
 from .idle import TokenSelector, freeze, idle_selectors  # noqa: E402
 from .io import load, save  # noqa: E402
 from .train import finetune  # noqa: E402
+from .visualize import visualize  # noqa: E402
 
-__all__ = ["convert", "load", "save", "finetune", "freeze", "TokenSelector", "idle_selectors", "VitidleError", "__version__"]
+__all__ = ["convert", "load", "save", "finetune", "freeze", "TokenSelector", "idle_selectors", "VitidleError", "visualize",
+           "__version__"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import platform
 import statistics
 import tempfile
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hf
 from .engine.rewrite import config_of, num_keep_of
 from .errors import UsageError
 from .export import INPUT_NAME, export_onnx, ort_session
@@ -43,15 +45,44 @@ class TokenCount(nn.Module):
         return F.pad(x, (0, 0, 0, self.num_tokens - N))
 
 
+class PositionCount(nn.Module):
+    """A block run on `num_tokens` tokens (`TokenCount`) whose position inputs are cut to them as well: a
+    rotary table of the image tokens (…, N - P, E) to its first rows, a bias over all tokens (…, N, N) to its
+    first rows and columns. The limit of a block that takes positions (timm's Eva, BEiT)."""
+
+    def __init__(self, block: nn.Module, num_tokens: int, all_tokens: int, num_prefix: int):
+        super().__init__()
+        self.count, self.block = TokenCount(num_tokens), block
+        self.all_tokens, self.num_prefix = all_tokens, num_prefix
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.block(self.count(x), *args, **{k: self._cut(v) for k, v in kwargs.items()})
+
+    def _cut(self, value):
+        n, N, P = self.count.num_tokens, self.all_tokens, self.num_prefix
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            return value
+        if tuple(value.shape[-2:]) == (N, N):
+            return value[..., :n, :n]
+        return value[..., : n - P, :] if value.shape[-2] == N - P else value
+
+
 def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
     """A copy of `dense` whose blocks run on the token counts of `idle`'s plan, with no selection cost."""
+    if hf.is_hf_model(dense):  # transformers layers take masks and return tuples: they get a class of their own
+        return hf.limit_model(dense, idle)
     config = config_of(idle)
     limit = copy.deepcopy(dense)
     num_prefix = config["layout"]["num_prefix"]
     current = num_tokens = config["layout"]["num_tokens"]
     for name, num_keep in zip(config["layout"]["blocks"], num_keep_of(idle)):
         n = num_tokens if num_keep is None else min(num_prefix + num_keep, num_tokens)
-        if n != current:  # only where the count changes: once per stage
+        block = limit.get_submodule(name)
+        if len(inspect.signature(block.forward).parameters) > 1:  # it takes positions: each block cuts its own
+            parent_name, _, child = name.rpartition(".")
+            setattr(limit.get_submodule(parent_name), child, PositionCount(block, n, num_tokens, num_prefix))
+            current = n
+        elif n != current:  # only where the count changes: once per stage
             parent_name, _, child = name.rpartition(".")
             parent = limit.get_submodule(parent_name)
             setattr(parent, child, nn.Sequential(TokenCount(n), getattr(parent, child)))
@@ -134,9 +165,13 @@ def bench(
     `idle` is timed as given; `freeze` it for inference speed (the report's `frozen` says which).
     One row per runtime and batch size (see `speed_row`). onnxruntime runs on CPU with as many
     threads as torch; its three models are exported the same way (`export.export_onnx`, parity
-    gate included). On CUDA the clock waits for the device, `cuda_graphs` replays a captured
-    graph per model and batch size, `compile` uses torch.compile; onnxruntime is CPU-only here and
-    is skipped.
+    gate included). On CUDA the clock waits for the device and `cuda_graphs` replays a captured
+    graph per model and batch size; onnxruntime is CPU-only here and is skipped.
+
+    `compile` (CPU or CUDA) times all three models under `torch.compile` (inductor, static
+    shapes), so the limit is the compiled dense blocks on the kept token counts: like for like.
+    Each model is compiled at each batch size by one untimed first call, whose seconds the row's
+    `compile_s` gives; its rows' runtime is `torch.compile`.
 
     >>> import timm, vitidle
     >>> dense = timm.create_model("deit_tiny_patch16_224", depth=2, img_size=32)
@@ -148,10 +183,10 @@ def bench(
 
     device = check_device(device)
     cuda = device.type == "cuda"
-    if (cuda_graphs or compile) and not cuda:
-        raise UsageError("CUDA graphs and torch.compile are offered with --device cuda only")
+    if cuda_graphs and not cuda:
+        raise UsageError("CUDA graphs are offered with --device cuda only")
     if compile:
-        warmup = max(warmup, 2)  # compilation must not land in the timed rounds
+        warmup = max(warmup, 2)  # calls after the compiling one, before the clock
     dense, idle = dense.eval(), idle.eval()
     limit = limit_model(dense, idle)
     models = {"dense": dense, "idle": idle, "limit": limit}
@@ -178,16 +213,19 @@ def bench(
     from tqdm.auto import tqdm
 
     with tqdm(total=total, desc="bench", unit="round", disable=not progress, leave=False) as bar, \
-            torch.cuda.device(device) if cuda else contextlib.nullcontext():
+            torch.cuda.device(device) if cuda else contextlib.nullcontext(), \
+            compile_limits() if compile else contextlib.nullcontext():
         on_round = bar.update
-        runners = torch_runners(models, device, cuda_graphs, compile)
         sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        runners = torch_runners(models, device, cuda_graphs, compile, sync)
         for b in batch_sizes:
+            bar.set_description(f"pytorch{', compiling' * compile}, batch {b}")
+            fns, compile_s = runners(torch.randn(b, *size))
             bar.set_description(f"pytorch, batch {b}")
-            fns = runners(torch.randn(b, *size))
             with torch.inference_mode():
                 samples = time_interleaved(fns, repeats, iters_for(b), warmup, sync, on_round)
-            report["results"].append(speed_row(samples, "pytorch", b))
+            row = speed_row(samples, "torch.compile" if compile else "pytorch", b)
+            report["results"].append({**row, "compile_s": compile_s} if compile else row)
         if onnx:
             import onnxruntime
 
@@ -220,21 +258,51 @@ def check_device(device: str) -> torch.device:
     return parsed
 
 
-def torch_runners(models: dict[str, nn.Module], device: torch.device, cuda_graphs: bool, compile: bool):
-    """For a batch x: one zero-argument callable per model that runs it on `device`."""
-    if device.type != "cuda":
-        return lambda x: {k: (lambda m=m: m(x)) for k, m in models.items()}
-    on_device = {k: copy.deepcopy(m).to(device) for k, m in models.items()}
-    if compile:
+def torch_runners(models: dict[str, nn.Module], device: torch.device, cuda_graphs: bool, compile: bool,
+                  sync: Callable[[], None] = lambda: None):
+    """For a batch x: one zero-argument callable per model that runs it on `device`, and with `compile`
+    the seconds of each model's first call on x, which compiles it (else None)."""
+    on_device = {k: copy.deepcopy(m).to(device) for k, m in models.items()} if device.type == "cuda" else models
+    if compile:  # the same options for all three, so the limit is compiled as the dense model is
         on_device = {k: torch.compile(m, dynamic=False) for k, m in on_device.items()}
 
-    def runners(x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    def runners(x: torch.Tensor) -> tuple[dict[str, Callable[[], object]], dict[str, float] | None]:
         x = x.to(device)
+        compile_s = first_call_seconds(on_device, x, sync) if compile else None
         if not cuda_graphs:
-            return {k: (lambda m=m: m(x)) for k, m in on_device.items()}
-        return {k: capture_cuda_graph(m, x) for k, m in on_device.items()}
+            return {k: (lambda m=m: m(x)) for k, m in on_device.items()}, compile_s
+        return {k: capture_cuda_graph(m, x) for k, m in on_device.items()}, compile_s
 
     return runners
+
+
+def first_call_seconds(models: dict[str, nn.Module], x: torch.Tensor, sync: Callable[[], None]) -> dict[str, float]:
+    """Seconds of each model's first call on x, under inference mode as the timed calls: a compiled
+    model compiles there (one graph per input shape), outside the clock."""
+    seconds = {}
+    with torch.inference_mode():
+        for key, model in models.items():
+            start = time.perf_counter()
+            model(x)
+            sync()
+            seconds[key] = round(time.perf_counter() - start, 2)
+    return seconds
+
+
+@contextlib.contextmanager
+def compile_limits(graphs: int = 64):
+    """Let torch.compile keep `graphs` graphs per function while benchmarking. Past its default (8) it
+    would silently run the rest eager: dense and limit share timm's forward, and each batch size and
+    each call of `bench` in one process adds graphs. Where torch can, a limit hit raises instead."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    settings = {name: max(graphs, getattr(config, name))}
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        settings["fail_on_recompile_limit_hit"] = True
+    with config.patch(**settings):
+        yield
 
 
 def capture_cuda_graph(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -270,8 +338,20 @@ COLUMNS = {
 }
 
 
+COMPILE_COLUMN = {"compile s dense / idle / limit": "{compile_s[dense]:.1f} / {compile_s[idle]:.1f} / {compile_s[limit]:.1f}"}
+
+
 def markdown_table(results: list[dict], columns: dict[str, str] = COLUMNS) -> str:
-    """The result rows of a `bench` report as a Markdown table: header -> format string of a row."""
+    """The result rows of a `bench` report as a Markdown table: header -> format string of a row.
+
+    Where rows were compiled (`compile_s`), a last column gives each model's compile seconds ("-" in the others).
+    """
+    if any("compile_s" in row for row in results):
+        columns = {**columns, **COMPILE_COLUMN}
+
+    def cell(fmt: str, row: dict) -> str:
+        return "-" if "{compile_s" in fmt and "compile_s" not in row else fmt.format(**row)
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(f.format(**row) for f in columns.values()) + " |" for row in results]
+    lines += ["| " + " | ".join(cell(f, row) for f in columns.values()) + " |" for row in results]
     return "\n".join(lines)

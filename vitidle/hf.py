@@ -23,6 +23,7 @@ are unchanged. Discovery is structural, with no model names:
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine.discover import evaluating, input_size, sample_input
@@ -37,6 +39,7 @@ from .errors import (CheckpointError, ConversionError, UnsupportedModelError, Us
                      first_line)
 from .idle import PER_TOKEN_NORMS, SELECTOR, TokenSelector, gather_tokens, merge_tokens
 
+HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
 # the only from_pretrained arguments `--model-arg` may set: where code and weights come from is vitidle's choice
 MODEL_ARGS = frozenset({"attn_implementation"})
@@ -76,6 +79,7 @@ class HFLayer:
     k_proj: str
     num_heads: int
     scale: float
+    reuse_norm: bool = False  # the norm runs once per layer call, on its input: the idle layer reuses its scoring output
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,7 @@ def discover(model: nn.Module) -> HFLayout:
             raise UnsupportedModelError(f"pass discover: {block} does not take the previous layer's output; "
                                         "vitidle needs a plain chain of layers")
         prev_out = y
-        layers.append(_layer_paths(block, layer, x, q_inputs, outputs))
+        layers.append(_layer_paths(block, layer, x, q_inputs, outputs, seen))
     _, num_tokens, dim = prev_out.shape
     num_patches = conv_out[0].shape[-2] * conv_out[0].shape[-1] if conv_out else None
     if num_patches is None or not 0 <= num_tokens - num_patches < num_tokens:
@@ -198,7 +202,8 @@ def discover(model: nn.Module) -> HFLayout:
     return HFLayout(blocks, tuple(layers), num_tokens, num_prefix, dim, "cls")
 
 
-def _layer_paths(block: str, layer: nn.Module, x: Tensor, proj_inputs: dict[int, Tensor], outputs: dict) -> HFLayer:
+def _layer_paths(block: str, layer: nn.Module, x: Tensor, proj_inputs: dict[int, Tensor], outputs: dict,
+                 seen: list) -> HFLayer:
     """The norm and projections of one layer, from what the sample forward saw."""
     attn_path = attention_of(layer)
     attn = layer.get_submodule(attn_path)
@@ -218,53 +223,119 @@ def _layer_paths(block: str, layer: nn.Module, x: Tensor, proj_inputs: dict[int,
         raise UnsupportedModelError(f"pass discover: cannot tell the head count of {block}.{attn_path}")
     head_dim = attn.q_proj.out_features // num_heads
     scale = float(getattr(attn, "scaling", getattr(attn, "scale", head_dim ** -0.5)))
-    return HFLayer(norm, f"{attn_path}.q_proj", f"{attn_path}.k_proj", num_heads, scale)
+    # the norm's output on the kept tokens is the kept rows of its output on all of them (a per-token norm), so an
+    # idle layer hands the scored ones over instead of norming again, where the norm runs once per layer call
+    reuse = norm is not None and sum(m is layer.get_submodule(norm) for _, m, _, _ in seen) == 1
+    return HFLayer(norm, f"{attn_path}.q_proj", f"{attn_path}.k_proj", num_heads, scale, reuse)
 
 
 # ------------------------------------------------------------------------------------------------------ rewrite
 
 
-class IdleLayer:
+class Swapped:
+    """Base of the mixins whose generated subclasses replace a module's class in place (ToMe-style)."""
+
+    vitidle_base: type  # the dense class
+
+    def __reduce_ex__(self, protocol):
+        # generated classes are not importable: pickle as (mixin, dense class, state) and regenerate on loading
+        return _restore_layer, (self.vitidle_base, _mixin_of(type(self))), self.__dict__.copy()
+
+
+class IdleLayer(Swapped):
     """Mixin of the generated idle layer classes: score, keep the top-K tokens, run the layer's own forward
     on them, copy the idle tokens unchanged. Holds a parameter-free `selector`; `vitidle_layer` (an
     `HFLayer`) says where the norm and projections are."""
 
-    vitidle_base: type  # the dense layer class
+    prefix = "Idle"
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
         _refuse_attention_maps()
         x, paths = hidden_states, self.vitidle_layer  # B, N, C
-        x_norm = x if paths.norm is None else self.get_submodule(paths.norm)(x)
+        norm = None if paths.norm is None else self.get_submodule(paths.norm)
+        x_norm = x if norm is None else norm(x)
         rows = self.selector(x_norm, self.get_submodule(paths.q_proj), self.get_submodule(paths.k_proj))  # B*(P+K)
         # torch.export and ONNX pass a filled mask, a user may pass one, CLIP passes a second (causal) one:
         # every (.., N, N) tensor argument is cut to the kept rows and columns; other tensors are refused
         attention_mask, *args = (_kept_mask(a, rows, x.shape) for a in (attention_mask, *args))
         kwargs = {k: _kept_mask(v, rows, x.shape) for k, v in kwargs.items()}
-        out = self.vitidle_base.forward(self, gather_tokens(x, rows), attention_mask, *args, **kwargs)
+        kept = gather_tokens(x, rows)
+        reuse = isinstance(norm, ReusedNorm)
+        if reuse:  # the layer's norm returns these rows of x_norm for `kept` instead of norming them again
+            norm.__dict__["vitidle_given"] = (kept, gather_tokens(x_norm, rows))  # (nn.Module.__setattr__ is slower)
+        try:
+            out = self.vitidle_base.forward(self, kept, attention_mask, *args, **kwargs)
+        finally:
+            if reuse:
+                norm.__dict__["vitidle_given"] = None
         y = out[0] if isinstance(out, tuple) else out  # B, P + K, C
         merged = merge_tokens(x, rows, y)
         return (merged, *out[1:]) if isinstance(out, tuple) else merged
 
-    def __reduce_ex__(self, protocol):
-        # generated classes are not importable: pickle as (dense class, state) and regenerate on loading
-        return _restore_layer, (self.vitidle_base,), self.__dict__.copy()
+
+class ReusedNorm(Swapped):
+    """Mixin of an idle layer's pre-attention norm: called on the kept tokens the idle layer handed over
+    (`vitidle_given`, set only during its forward), it returns their rows of the norm it scored with; on
+    anything else it norms. Matching by identity keeps it right under threads: a miss just norms."""
+
+    prefix = "Reused"
+    vitidle_given: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        given = self.vitidle_given
+        if given is not None and given[0] is x:
+            return given[1]
+        return self.vitidle_base.forward(self, x)
 
 
-_IDLE_CLASSES: dict[type, type] = {}
+class CountLayer(Swapped):
+    """Mixin of the limit's layers (`limit_model`): the dense layer on the first `vitidle_count` tokens (cut, or
+    zero-padded where a dense layer follows idle ones), masks cut alike, with no selection: what `bench` times
+    as the limit of idling. Its outputs are not the idle model's."""
+
+    prefix = "Count"
+    vitidle_count: int
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
+        n, N = self.vitidle_count, hidden_states.shape[1]
+        x = hidden_states[:, :n].contiguous() if N > n else F.pad(hidden_states, (0, 0, 0, n - N)) if N < n \
+            else hidden_states
+        attention_mask, *args = (_first_mask(a, n) for a in (attention_mask, *args))
+        return self.vitidle_base.forward(self, x, attention_mask, *args, **{k: _first_mask(v, n) for k, v in
+                                                                              kwargs.items()})
+
+
+MIXINS = {m.__name__: m for m in (IdleLayer, ReusedNorm, CountLayer)}
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def swapped_class(mixin: type, base: type) -> type:
+    """The subclass of a dense module class with a mixin's forward, made once per pair (`IdleViTLayer`)."""
+    if (mixin, base) not in _CLASSES:
+        _CLASSES[mixin, base] = type(f"{mixin.prefix}{base.__name__}", (mixin, base),
+                                     {"vitidle_base": base, "__module__": __name__})
+    return _CLASSES[mixin, base]
 
 
 def idle_class(base: type) -> type:
     """The idle subclass of a dense layer class, made once per class (`IdleViTLayer` for `ViTLayer`)."""
-    if base not in _IDLE_CLASSES:
-        _IDLE_CLASSES[base] = type(f"Idle{base.__name__}", (IdleLayer, base), {"vitidle_base": base,
-                                                                              "__module__": __name__})
-    return _IDLE_CLASSES[base]
+    return swapped_class(IdleLayer, base)
 
 
-def _restore_layer(base: type) -> nn.Module:
-    layer = base.__new__(base)
-    layer.__class__ = idle_class(base)
-    return layer
+def _mixin_of(cls: type) -> str:
+    return next(name for name, mixin in MIXINS.items() if issubclass(cls, mixin))
+
+
+def _restore_layer(base: type, mixin: str = "IdleLayer") -> nn.Module:
+    module = base.__new__(base)
+    module.__class__ = swapped_class(MIXINS[mixin], base)
+    return module
+
+
+def swap(module: nn.Module, mixin: type) -> nn.Module:
+    """Give `module` the generated class of its own class and `mixin`, in place (same object, keys and hooks)."""
+    module.__class__ = swapped_class(mixin, type(module))
+    return module
 
 
 def _refuse_attention_maps() -> None:
@@ -281,6 +352,13 @@ def _refuse_attention_maps() -> None:
 
 def _kept_mask(arg: Any, rows: Tensor, shape: torch.Size) -> Any:
     return gather_mask(arg, rows, shape) if isinstance(arg, Tensor) else arg
+
+
+def _first_mask(arg: Any, n: int) -> Any:
+    """A (.., N, N) or (.., 1, N) mask cut to the first `n` tokens' rows and columns; other arguments as they are."""
+    if not isinstance(arg, Tensor) or arg.dim() != 4:
+        return arg
+    return arg[..., :n, :n] if arg.shape[-2] != 1 else arg[..., :n]
 
 
 def gather_mask(mask: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
@@ -311,7 +389,10 @@ def apply_plan(model: nn.Module, layout: HFLayout, plan) -> nn.Module:
                                  layout.query)
         layer.add_module(SELECTOR, selector.train(layer.training))
         layer.vitidle_layer = paths
-        layer.__class__ = idle_class(type(layer))
+        swap(layer, IdleLayer)
+        norm = None if paths.norm is None else layer.get_submodule(paths.norm)
+        if paths.reuse_norm and not isinstance(norm, ReusedNorm):
+            swap(norm, ReusedNorm)
     return model
 
 
@@ -348,6 +429,79 @@ def convert(model: str | nn.Module, keep: float = 0.7, *, schedule: str = "idlev
         "input": {"input_size": list(input_size(model)), **INPUT_DEFAULTS},
     }
     return model
+
+
+# ------------------------------------------------------------------------------------------ export and bench
+
+
+class TensorOutput(nn.Module):
+    """An HF model as `export` and `bench` take a model: pixel values in, one tensor out.
+
+    The tensor is the model's `logits`, else its `pooler_output`, else its `last_hidden_state` (which field
+    is found by one sample forward); `num_classes` (0 without logits) makes the ONNX output `logits` or
+    `features`, as for timm models, and `pretrained_cfg` / `vitidle_config` give the input size and
+    preprocessing. Holds the model as `model` (its keys gain a `model.` prefix).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        with evaluating(model), torch.no_grad():
+            out = model(pixel_values=sample_input(model))
+        self.field = next((f for f in ("logits", "pooler_output", "last_hidden_state")
+                           if isinstance(getattr(out, f, None), Tensor)), None)
+        if self.field is None:
+            raise UnsupportedModelError(f"{type(model).__name__} returns no logits, pooler_output or last_hidden_state "
+                                        "tensor; vitidle exports one of those")
+        self.num_classes = out.logits.shape[-1] if self.field == "logits" else 0
+        self.pretrained_cfg = {**INPUT_DEFAULTS, "input_size": list(input_size(model))}
+        if hasattr(model, "vitidle_config"):
+            self.vitidle_config = model.vitidle_config
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        with eager_masks():
+            return getattr(self.model(pixel_values=pixel_values), self.field)
+
+
+@contextlib.contextmanager
+def eager_masks():
+    """Under torch.export (the dynamo ONNX exporter), let transformers skip the attention mask as it does in eager
+    use, where the model gets no mask: it builds a filled (B, 1, N, N) one only because it will not look into a
+    traced padding mask, and with none given there is nothing to look into. Dense, idle and limit models then
+    export without a mask to build, pass and (idle layers) gather. A mask the caller gives is kept."""
+    from transformers import masking_utils
+
+    exporting = getattr(masking_utils, "is_torchdynamo_exporting", None)
+    if exporting is None or not torch.compiler.is_exporting():  # another transformers layout: masks as they are
+        yield
+        return
+    masking_utils.is_torchdynamo_exporting = lambda: False
+    try:
+        yield
+    finally:
+        masking_utils.is_torchdynamo_exporting = exporting
+
+
+def tensor_output(model: nn.Module) -> nn.Module:
+    """`model` wrapped in `TensorOutput` if it is a transformers model, else `model` itself."""
+    return TensorOutput(model) if is_hf_model(model) else model
+
+
+def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
+    """A copy of the dense HF model whose layers run on `idle`'s current token counts with no selection cost
+    (`CountLayer`): `bench`'s limit for transformers models, as `bench.limit_model` makes it for timm ones."""
+    from .engine.rewrite import config_of, num_keep_of
+
+    layout = config_of(idle)["layout"]
+    limit = copy.deepcopy(dense)
+    current = num_tokens = layout["num_tokens"]
+    for name, num_keep in zip(layout["blocks"], num_keep_of(idle), strict=True):
+        n = num_tokens if num_keep is None else min(layout["num_prefix"] + num_keep, num_tokens)
+        if n < num_tokens or current < num_tokens:  # every layer past the first cut: the masks stay (N, N)
+            layer = swap(limit.get_submodule(name), CountLayer)
+            layer.vitidle_count = n
+        current = n
+    return limit.eval()
 
 
 # ---------------------------------------------------------------------------------------------- models and files
@@ -446,6 +600,14 @@ def dense_from_config(config: dict) -> nn.Module:
     hf_config = cls.config_class.from_dict(hf["config"])
     hf_config._attn_implementation = check_attention(hf.get("attn_implementation") or "sdpa")
     return cls(hf_config).eval()  # on the meta device inside `with torch.device("meta")` (vitidle.load's check)
+
+
+def config_json(config: dict) -> str:
+    """The HF `config.json` text of the dense model a vitidle config describes (what `save_pretrained` writes)."""
+    cls = model_class(config["hf"]["class"])
+    hf_config = cls.config_class.from_dict(config["hf"]["config"])
+    hf_config.architectures = [cls.__name__]
+    return hf_config.to_json_string(use_diff=True)
 
 
 def rebuild(config: dict) -> nn.Module:

@@ -8,6 +8,7 @@ is safe.
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import timm.layers
@@ -16,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import UsageError
 
@@ -238,8 +240,15 @@ class TokenSelector(nn.Module):
 
 def _is_plain_linear(module: nn.Module) -> bool:
     """Whether `module` computes x Wᵀ + b from its `weight` and `bias`: an nn.Linear (or a parametrized one)
-    that no adapter, quantization wrapper or hook changes."""
-    return type(module).forward is nn.Linear.forward and not (module._forward_hooks or module._forward_pre_hooks)
+    that no adapter, quantization wrapper or hook changes, with a plain weight tensor (torchao's `quantize_`
+    keeps the nn.Linear and swaps its weight for a quantized tensor subclass, which only F.linear supports)."""
+    if type(module).forward is not nn.Linear.forward or module._forward_hooks or module._forward_pre_hooks:
+        return False
+    weight = module._parameters.get("weight")
+    if weight is None:  # a parametrized weight, or one set as a plain attribute
+        weight = module.weight
+    # torch.export (non-strict) runs the forward on fake tensors, which are no wrapper subclass
+    return type(weight) is nn.Parameter or not is_traceable_wrapper_subclass(weight)
 
 
 def _rows(bias: Tensor | None, rows: slice) -> Tensor | None:
@@ -362,3 +371,213 @@ def keep_mask(selector: TokenSelector, num_tokens: int) -> Tensor:
     index = selector.kept_index
     mask = index.new_zeros(index.shape[0], num_tokens, dtype=torch.float32)
     return mask.scatter_(1, index, 1.0)
+
+
+# ---- blocks whose attention carries token positions (rotary embeddings, relative-position bias) ----
+
+class PositionalSelector(TokenSelector):
+    """`TokenSelector` for attention that reads token positions, or whose projections `TokenSelector`'s
+    fast path does not describe (a separate query bias, grouped key heads).
+
+    `forward(x_norm, attn, rope, bias)` takes the normed tokens, the attention module, and the position
+    inputs the block receives (`rope`: a rotary table of the image tokens, `bias`: a (…, H, N, N) logit
+    bias; either may be None). It returns the kept positions (B, P + K), the prefix tokens first and in
+    order (rotary attention leaves the first P tokens unrotated), then the top-K image tokens. The score
+    is the head-mean pre-softmax logit as the layer computes it: rope applied to queries and keys, the
+    bias added (docs/method.md).
+
+    Keys are never projected where the table is shared by all heads (timm's Eva): with rotations R_j,
+    q · R_j k_j = Σ_c cos_jc (Σ_h q_hc k_jhc) + Σ_c s̃_jc (Σ_h q̃_hc k_jhc), two sums over heads that are
+    linear in the normed token, so all scores cost 2·N·C·d instead of N·C² (d = head dim).
+    """
+
+    def __init__(self, num_keep: int, num_prefix: int, num_patches: int, qk, query: str = "cls", rope_dims: int = 2):
+        super().__init__(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
+        self.qk = qk  # scoring.QueryKey: where the attention keeps its projections
+        self.rope_dims = rope_dims  # the rotary table's rank the conversion saw, for tracers (no branch on a Proxy)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", positions=True"
+
+    def forward(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None = None,  # type: ignore[override]
+                bias: Tensor | None = None) -> Tensor:
+        N = x_norm.shape[1]
+        traced = isinstance(x_norm, fx.Proxy)
+        P = self.num_prefix
+        if self.record_attention:
+            logits = self._logits(x_norm, attn, rope, bias)  # B, N, N
+            self.attention_logits = logits
+            scores = (logits[:, 0] if self.query == "cls" else logits.mean(1))[:, P:].detach()
+        else:
+            with torch.no_grad():
+                scores = self._image_scores(x_norm, attn, rope, bias)  # B, N - P
+        num_keep = self.num_keep
+        if self.training and not traced:  # token dropout (patch_drop) may leave fewer than K image tokens
+            num_keep = min(num_keep, N - P)
+        top = scores.topk(num_keep, dim=1, sorted=False).indices + P  # B, K
+        index = torch.cat([torch.arange(P, device=top.device).expand(top.shape[0], P), top], 1) if P else top
+        if not (traced or torch.compiler.is_exporting()):
+            self.__dict__["kept_index"] = index
+        return index
+
+    # the projections, as the layer computes them: plain Linears read by weight, anything else called
+    def _weights(self, attn: nn.Module, which: str) -> tuple[Tensor, Tensor | None] | None:
+        qk = self.qk
+        proj = attn.get_submodule(qk.q_proj if which == "q" else qk.k_proj)
+        rows = (qk.q_rows if which == "q" else qk.k_rows) or slice(None)
+        if not _is_plain_linear(proj):
+            return None
+        separate = qk.q_bias if which == "q" else qk.k_bias
+        bias = getattr(attn, separate) if separate else _rows(proj.bias, rows)
+        return proj.weight[rows], bias
+
+    def _project(self, x: Tensor, attn: nn.Module, which: str) -> Tensor:  # type: ignore[override]
+        """Queries or keys (…, A) of the tokens x, by the layer's own projection."""
+        weights = self._weights(attn, which)
+        if weights is not None:
+            return F.linear(x, *weights)
+        qk = self.qk
+        rows = (qk.q_rows if which == "q" else qk.k_rows) or slice(None)
+        out = attn.get_submodule(qk.q_proj if which == "q" else qk.k_proj)(x)[..., rows]
+        separate = qk.q_bias if which == "q" else qk.k_bias
+        return out if not separate or getattr(attn, separate) is None else out + getattr(attn, separate)
+
+    def _rotate(self, t: Tensor, rope: Tensor) -> Tensor:
+        """The layer's rotation of image-token queries or keys t (B, H, n, d)."""
+        from timm.layers import apply_rot_embed_cat
+
+        return apply_rot_embed_cat(t, rope, half=self.qk.rotate_half).type_as(t)
+
+    def _heads(self, t: Tensor, heads: int) -> Tensor:  # (B, n, A) -> (B, heads, n, d)
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    def _queries(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None) -> Tensor:
+        """(B, H, d): the class token's query, or the mean of all queries (rotated as the layer rotates them)."""
+        P, H = self.num_prefix, self.num_heads
+        if self.query == "cls":  # a prefix token: never rotated
+            return self._project(x_norm[:, 0], attn, "q").view(x_norm.shape[0], H, -1)
+        if rope is None:  # queries are linear in the token: the query of the mean token
+            return self._project(x_norm.mean(1), attn, "q").view(x_norm.shape[0], H, -1)
+        q = self._heads(self._project(x_norm, attn, "q"), H)  # B, H, N, d
+        return torch.cat([q[:, :, :P], self._rotate(q[:, :, P:], rope)], 2).mean(2)
+
+    def _image_scores(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None) -> Tensor:
+        """(B, N - P) head-mean logits of the query against each image token's key."""
+        B, N, C = x_norm.shape
+        P, Hk = self.num_prefix, self.qk.num_kv_heads
+        q = self._queries(x_norm, attn, rope)  # B, H, d
+        q = q.view(B, Hk, -1, q.shape[-1]).sum(2)  # B, Hk, d: heads that share a key head, summed
+        x = x_norm[:, P:]
+        weights = self._weights(attn, "k")
+        shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
+        if weights is not None and shared:  # a table shared by all heads and images: no key projected
+            k_weight, k_bias = weights
+            k_weight = k_weight.view(Hk, -1, C)  # Hk, d, C
+            if rope is None:  # q · k = x · (W_kᵀ q) + q · b_k, and q · b_k is the same for every key
+                u = torch.einsum("bhc,hci->bi", q, k_weight)  # B, C
+                scores = torch.bmm(x, u.unsqueeze(2)).squeeze(2)
+            else:
+                scores = self._rotary_scores(x, q, k_weight, k_bias, rope)
+        else:  # keys projected: a wrapped projection, or a rotary table per head or per image
+            k = self._heads(self._project(x, attn, "k"), Hk)  # B, Hk, N - P, d
+            if rope is not None:
+                k = self._rotate(k, rope)
+            scores = torch.einsum("bhc,bhnc->bn", q, k)
+        scores = scores * (self.scale / self.num_heads)
+        if bias is not None:
+            rows = bias[..., :1, P:] if self.query == "cls" else bias[..., P:].mean(-2, keepdim=True)
+            scores = scores + rows.mean(-3).reshape(-1, N - P)  # head mean; broadcasts over the batch
+        return scores
+
+    def _rotary_scores(self, x: Tensor, q: Tensor, k_weight: Tensor, k_bias: Tensor | None, rope: Tensor) -> Tensor:
+        """Σ_h q_h · R_j k_jh for each image token j, from a rotary table shared by all heads, no key projected.
+
+        R_j k = k ⊙ cos_j + P(k) ⊙ sin_j, P a fixed signed permutation with Pᵀ = −P, so
+        q · R_j k = (q ⊙ cos_j) · k − (P(q) ⊙ |P|(sin_j)) · k, and each sum over heads is linear in x_j.
+        """
+        from timm.layers.pos_embed_sincos import rope_rotate_half, rot
+
+        turn = rope_rotate_half if self.qk.rotate_half else rot
+        sin, cos = rope.chunk(2, -1)  # N - P, d
+        sin = turn(sin) * turn(torch.ones_like(sin))  # |P|(sin): sin with P's permutation, without its signs
+        q2 = torch.stack([q, -turn(q)], 1)  # B, 2, Hk, d
+        B, _, Hk, d = q2.shape
+        m = torch.einsum("bthc,hci->btci", q2, k_weight).reshape(B, 2 * d, -1)  # B, 2d, C
+        y = torch.bmm(x, m.transpose(1, 2))  # B, N - P, 2d
+        if k_bias is not None:
+            y = y + (q2 * k_bias.view(Hk, d)).sum(2).reshape(B, 1, 2 * d)
+        return (y * torch.cat([cos, sin], -1).to(y.dtype)).sum(-1)
+
+    def _logits(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None) -> Tensor:
+        """(B, N, N) head-mean pre-softmax logits of all tokens, as the layer computes them (differentiable)."""
+        P, H, Hk = self.num_prefix, self.num_heads, self.qk.num_kv_heads
+        q = self._heads(self._project(x_norm, attn, "q"), H)  # B, H, N, d
+        k = self._heads(self._project(x_norm, attn, "k"), Hk)
+        if rope is not None:
+            q = torch.cat([q[:, :, :P], self._rotate(q[:, :, P:], rope)], 2)
+            k = torch.cat([k[:, :, :P], self._rotate(k[:, :, P:], rope)], 2)
+        k = k.repeat_interleave(H // Hk, dim=1)
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # B, H, N, N
+        if bias is not None:
+            logits = logits + bias
+        return logits.mean(1)
+
+
+def token_rows(x: Tensor, index: Tensor) -> Tensor:
+    """Kept positions (B, M) of the tokens x (B, N, C) -> the rows of the flattened (B * N, C) tokens that
+    `gather_tokens` and `merge_tokens` take (at batch 1, the positions themselves)."""
+    if _one_image(x):
+        return index.flatten()
+    B, N = x.shape[0], x.shape[1]
+    return (index + torch.arange(0, B * N, N, device=index.device).unsqueeze(1)).flatten()
+
+
+def _one_node(fn):
+    """`fn` as one node of an fx graph when fx traces it (it branches on shapes; fx re-traces blocks it unpickles)."""
+    @functools.wraps(fn)
+    def traced(*args):
+        proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", traced, args, {})
+        return fn(*args)
+    return traced
+
+
+@_one_node
+def gather_rope(rope: Tensor, index: Tensor, num_prefix: int) -> Tensor:
+    """A rotary table of the image tokens -> the rows of the kept image tokens, (B, 1 or H, K, E).
+
+    `rope` is (N - P, E), (H, N - P, E) (a table per head) or (B, 1 or H, N - P, E) (per image, as timm
+    makes it under patch dropout); `index` (B, P + K) the kept positions, prefix first.
+    """
+    image = index[:, num_prefix:] - num_prefix  # B, K
+    dims = rope.dim()
+    if dims == 2:
+        return rope[image].unsqueeze(1)
+    if dims == 3:
+        return rope[:, image].transpose(0, 1)
+    B, K = image.shape
+    rope = rope.expand(B, *rope.shape[1:])
+    return rope.gather(2, image.view(B, 1, K, 1).expand(B, rope.shape[1], K, rope.shape[3]))
+
+
+@_one_node
+def gather_bias(bias: Tensor, index: Tensor) -> Tensor:
+    """A logit bias over all tokens (…, H, N, N) -> its rows and columns at the kept positions, (B, H, M, M)."""
+    N = bias.shape[-1]
+    B, M = index.shape
+    pairs = (index.unsqueeze(2) * N + index.unsqueeze(1)).view(B, 1, M * M)  # B, 1, M²
+    flat = bias.flatten(-2)
+    flat = flat.reshape(-1, *flat.shape[-2:])  # b, H, N²
+    H = flat.shape[1]
+    return flat.expand(B, H, N * N).gather(2, pairs.expand(B, H, M * M)).view(B, H, M, M)
+
+
+@_one_node
+def check_pinned(value, expected, name: str) -> None:
+    """Refuse an argument of an idle block that differs from what the conversion fixed (attn_mask=None, ...)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and expected is not None:  # torch.jit.trace passes flags as tensors
+        value = type(expected)(value.item())
+    if value is not expected and not (isinstance(expected, (bool, int, float)) and type(value) is type(expected)
+                                      and value == expected):
+        raise TypeError(f"an idle block was converted for {name}={expected!r}; it cannot take {name}={value!r}")

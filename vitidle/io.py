@@ -71,22 +71,31 @@ def write_model(model: nn.Module, folder: Path) -> None:
         raise UsageError(f"cannot write {folder}: {e.strerror or e}") from e
 
 
+def model_files(config: dict) -> tuple[str, ...]:
+    """The files `save` writes for a config, in the order they are put in place: a transformers model also gets
+    its HF `config.json`, so the dense class's `from_pretrained(folder)` reads the folder."""
+    return (WEIGHTS, hf.HF_CONFIG, CONFIG) if hf.is_hf_config(config) else (WEIGHTS, CONFIG)
+
+
 def write_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict, prefix: str = "") -> list[Path]:
-    """Write `prefix + model.safetensors` and `prefix + vitidle.json` into `folder`, each synced to disk."""
-    weights, config_file = folder / (prefix + WEIGHTS), folder / (prefix + CONFIG)
+    """Write `prefix +` each of `model_files(config)` into `folder`, each synced to disk."""
+    paths = [folder / (prefix + name) for name in model_files(config)]
+    weights, config_file = paths[0], paths[-1]
     save_file(state, weights, metadata={"format": "pt", SAVE_ID: config["save_id"]})
     os.chmod(weights, 0o666 & ~umask())  # safetensors writes 0600; a shared model folder must stay readable
+    if len(paths) == 3:
+        paths[1].write_text(hf.config_json(config))
     config_file.write_text(json.dumps(config, indent=2) + "\n")
-    for path in (weights, config_file):
+    for path in paths:
         fsync(path)
-    return [weights, config_file]
+    return paths
 
 
 def replace_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
     """Replace the model files of an existing folder, each by a rename; the weights first, the config last."""
     written = write_model_files(folder, state, config, prefix=f".{uuid.uuid4().hex[:8]}.")
     try:
-        for path, name in zip(written, (WEIGHTS, CONFIG)):
+        for path, name in zip(written, model_files(config), strict=True):
             os.replace(path, folder / name)
         fsync(folder)
     finally:

@@ -4,8 +4,8 @@ The token score of IdleViT is the head-mean pre-softmax logit of one query again
 Summed over heads, q_h · k_h is the plain dot product q · k over all heads' dims, so the head
 mean is (scale / H) · q · (W_k x + b_k): linear in the normed token x. That lets `TokenSelector`
 score N tokens in O(N·C) without projecting any key, which holds only where keys are a plain
-linear map of the normed token. Attention with qk-norm is refused here; blocks with rotary
-embeddings take extra arguments and are refused by `discover` as not a plain chain.
+linear map of the normed token. Attention with qk-norm is refused here. Attention with rotary
+embeddings or a position bias is scored by `idle.PositionalSelector`, from the same description.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import UnsupportedModelError
@@ -32,6 +33,19 @@ class QueryKey:
     k_rows: slice | None
     num_heads: int
     scale: float
+    q_bias: str | None = None  # a query / key bias kept apart from the Linear (EVA, BEiT: `q_bias`, `k_bias`)
+    k_bias: str | None = None
+    num_kv_heads: int = 0  # key heads (grouped-query attention); 0: num_heads
+    rotate_half: bool = False  # the rotary layout the attention applies (timm's `rotate_half`), if it takes rope
+
+    def __post_init__(self):
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+
+    @property
+    def plain(self) -> bool:
+        """Whether `TokenSelector`'s fast path describes it: biases inside the Linears, one key head per head."""
+        return self.q_bias is None and self.k_bias is None and self.num_kv_heads == self.num_heads
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -66,11 +80,19 @@ def query_key(attn: nn.Module, name: str = "attention") -> QueryKey:
             f"{name} mixes heads before the softmax (talking heads); vitidle cannot score it yet"
         )
     num_heads = attn.num_heads
+    num_kv_heads = getattr(attn, "num_kv_heads", None) or num_heads
+    if num_heads % num_kv_heads:
+        raise UnsupportedModelError(f"{name} has {num_heads} query heads and {num_kv_heads} key heads; vitidle "
+                                    "needs a whole number of query heads per key head")
     if isinstance(getattr(attn, "qkv", None), nn.Linear):
         dim = attn.qkv.out_features // 3
         qk = QueryKey("qkv", "qkv", slice(0, dim), slice(dim, 2 * dim), num_heads, 0.0)
     else:
         dim = attn.q_proj.out_features
         qk = QueryKey("q_proj", "k_proj", None, None, num_heads, 0.0)
+    # EVA and BEiT keep the query and key biases beside a bias-free qkv Linear
+    biases = {f"{w}_bias": f"{w}_bias" if isinstance(getattr(attn, f"{w}_bias", None), torch.Tensor) else None
+              for w in "qk"}
     scale = float(getattr(attn, "scale", (dim // num_heads) ** -0.5))
-    return dataclasses.replace(qk, scale=scale)
+    return dataclasses.replace(qk, scale=scale, num_kv_heads=num_kv_heads,
+                               rotate_half=bool(getattr(attn, "rotate_half", False)), **biases)

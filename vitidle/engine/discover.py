@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -30,6 +31,11 @@ class ViTLayout:
     num_prefix: int  # class, distillation and register tokens at the front
     dim: int  # C
     query: str  # "cls" scores with the class token's query, "mean" with the mean query
+    # tensors the model passes to every block beside the tokens, by argument name: "rope" (a rotary table
+    # of the image tokens) or "bias" (a logit bias over all tokens); and the other arguments it passes, fixed
+    side: tuple[tuple[str, str], ...] = ()
+    pinned: tuple[tuple[str, Any], ...] = ()
+    rope_dims: int = 2  # the rank of the rotary table: 2 for one shared by all heads, 3 for one per head
 
     @property
     def num_patches(self) -> int:
@@ -56,10 +62,13 @@ def specialized_args(forward) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-def trace(module: nn.Module) -> fx.GraphModule:
-    """Trace `module.forward` with `LeafTracer`; a failure names the pass and the module."""
+def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
+    """Trace `module.forward` with `LeafTracer`, its optional arguments pinned (`concrete_args`, default: all
+    to their defaults); a failure names the pass and the module."""
+    if concrete_args is None:
+        concrete_args = specialized_args(module.forward)
     try:
-        graph = LeafTracer().trace(module, concrete_args=specialized_args(module.forward))
+        graph = LeafTracer().trace(module, concrete_args=concrete_args)
     except Exception as e:  # fx raises many kinds; all mean the same to the user
         raise ConversionError(f"pass trace: torch.fx cannot trace {type(module).__name__}: {e}") from e
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
@@ -131,11 +140,14 @@ class ShapeRecorder(fx.Interpreter):
     """Runs a graph and records each tensor's shape in `node.meta["shape"]` (fx's ShapeProp prints a
     traceback of its own on a failure; this one raises the error as it came)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, keep_inputs: tuple[fx.Node, ...] = ()):
         super().__init__(gm)
         self.extra_traceback = False  # no node dump appended to the error's message
+        self.keep_inputs = keep_inputs  # nodes whose arguments are kept in node.meta["inputs"]
 
     def run_node(self, n: fx.Node):
+        if n in self.keep_inputs:
+            n.meta["inputs"] = self.fetch_args_kwargs_from_env(n)
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             n.meta["shape"] = tuple(result.shape)
@@ -161,18 +173,13 @@ def discover(model: nn.Module) -> ViTLayout:
             f"{name} has no attention blocks (modules with a qkv self-attention child); "
             "vitidle converts ViT-style models such as timm's VisionTransformer"
         )
-    for prev, node in zip(nodes, nodes[1:]):
-        if node.args[:1] != (prev,) or len(node.args) > 1 or node.kwargs:
-            raise UnsupportedModelError(
-                f"pass discover: in {name}, block {node.target} does not take block {prev.target}'s output alone; "
-                "vitidle needs a plain chain of blocks"
-            )
+    side_nodes, pinned = block_arguments(name, nodes, modules)
     for node in nodes:
         query_key(modules[node.target].get_submodule(_attention_child(modules[node.target])), node.target)
 
     try:
         with evaluating(model), torch.no_grad():
-            ShapeRecorder(gm).run(sample_input(model))
+            ShapeRecorder(gm, tuple(nodes)).run(sample_input(model))
     except Exception as e:
         raise ConversionError(f"pass discover: a sample forward through {name} failed: {type(e).__name__}: "
                               f"{first_line(e)}") from e
@@ -198,13 +205,126 @@ def discover(model: nn.Module) -> ViTLayout:
             "patch tokens (a class token that joins after the blocks?); vitidle cannot tell which token to score with"
         )
     has_cls = getattr(model, "cls_token", None) is not None or bool(getattr(model, "has_class_token", False))
+    first = modules[nodes[0].target]
+    qk = query_key(first.get_submodule(_attention_child(first)))
+    attn_dim = qk.q_rows.stop if qk.q_rows else first.get_submodule(f"{_attention_child(first)}.{qk.q_proj}").out_features
+    head_dim = attn_dim // qk.num_heads
+    side = side_kinds(side_nodes, num_tokens, int(num_prefix), head_dim)
+    for node in nodes:
+        block = modules[node.target]
+        attn = block.get_submodule(_attention_child(block))
+        if "rope" in side.values() and getattr(attn, "num_prefix_tokens", num_prefix) != num_prefix:
+            raise UnsupportedModelError(
+                f"pass discover: the attention of {node.target} leaves {attn.num_prefix_tokens} tokens unrotated, "
+                f"the model has {num_prefix} prefix tokens; vitidle cannot tell which tokens carry positions")
+        with evaluating(model), torch.no_grad():
+            probe_fewer_tokens(node, block, side)
     return ViTLayout(
         blocks=tuple(n.target for n in nodes),
         num_tokens=num_tokens,
         num_prefix=int(num_prefix),
         dim=dim,
         query="cls" if has_cls else "mean",
+        side=tuple(side.items()),
+        pinned=tuple(pinned.items()),
+        rope_dims=next((len(side_nodes[a][0].meta["shape"]) for a, kind in side.items() if kind == "rope"), 2),
     )
+
+
+def block_arguments(name: str, nodes: list[fx.Node], modules: dict[str, nn.Module]
+                    ) -> tuple[dict[str, list[fx.Node]], dict[str, Any]]:
+    """Check that the blocks form a chain and return what else they are given: per argument name, the
+    tensor each block gets (computed before the chain: a rotary table, a shared bias), and the constants.
+
+    Each block must take the previous block's output as its tokens, and only tensors that no block
+    computed beside them; every block must get the same arguments.
+    """
+    inputs = {}
+    for node in nodes:
+        if node.args[:1] in inputs:
+            raise UnsupportedModelError(
+                f"pass discover: in {name}, {inputs[node.args[:1]].target} and {node.target} read the same tokens: "
+                "parallel attention branches, not a chain of blocks; vitidle scores tokens with one attention per "
+                "layer, and a score across parallel branches is not defined yet")
+        inputs[node.args[:1]] = node
+    after_chain = set()
+    todo = [nodes[0]]
+    while todo:  # every node that depends on a block's output
+        node = todo.pop()
+        if node not in after_chain:
+            after_chain.add(node)
+            todo.extend(node.users)
+    side: dict[str, list[fx.Node]] = {}
+    pinned: dict[str, Any] = {}
+    for i, node in enumerate(nodes):
+        prev = nodes[i - 1] if i else None
+        chained = f"block {node.target} does not take block {prev.target}'s output alone" if prev else ""
+        try:
+            bound = inspect.signature(modules[node.target].forward).bind(*node.args, **node.kwargs)
+        except TypeError as e:
+            raise UnsupportedModelError(f"pass discover: in {name}, block {node.target} is called as its "
+                                        f"signature does not allow: {e}") from e
+        (_, tokens), *rest = bound.arguments.items()
+        if prev is not None and tokens is not prev:
+            raise UnsupportedModelError(f"pass discover: in {name}, {chained}; vitidle needs a plain chain of blocks")
+        names = set()
+        for arg, value in rest:
+            if isinstance(value, fx.Node):
+                if value in after_chain:
+                    raise UnsupportedModelError(
+                        f"pass discover: in {name}, {chained or f'block {node.target}'} takes {arg} computed from a "
+                        "block's output; vitidle needs a plain chain of blocks")
+                side.setdefault(arg, []).append(value)
+            elif fx.node.map_arg(value, lambda n: n) != value or isinstance(value, fx.Proxy):
+                raise UnsupportedModelError(f"pass discover: in {name}, block {node.target} takes {arg} holding "
+                                            "tensors in a container; vitidle needs a plain chain of blocks")
+            elif i and pinned.get(arg, value) != value or arg not in pinned and i:
+                raise UnsupportedModelError(f"pass discover: in {name}, block {node.target} gets {arg}={value!r}, "
+                                            "unlike the first block; vitidle needs blocks called alike")
+            else:
+                pinned[arg] = value
+            names.add(arg)
+        if i and names != set(side) | set(pinned):
+            raise UnsupportedModelError(f"pass discover: in {name}, block {node.target} takes other arguments than "
+                                        "the first block; vitidle needs blocks called alike")
+    return side, pinned
+
+
+def side_kinds(side: dict[str, list[fx.Node]], num_tokens: int, num_prefix: int, head_dim: int) -> dict[str, str]:
+    """What each tensor given to the blocks is, by its shape: "bias" (…, N, N) or "rope" (…, N - P, 2 · head dim:
+    the sines and cosines of each image token's rotation)."""
+    kinds = {}
+    for arg, values in side.items():
+        shape = values[0].meta.get("shape", ())
+        bias = len(shape) >= 2 and tuple(shape[-2:]) == (num_tokens, num_tokens)
+        rope = 2 <= len(shape) <= 4 and tuple(shape[-2:]) == (num_tokens - num_prefix, 2 * head_dim)
+        if bias == rope:
+            what = "could be a rotary table or a bias" if bias else "is neither a rotary table of the image tokens " \
+                   "(…, N - P, E) nor a logit bias (…, N, N)"
+            raise UnsupportedModelError(
+                f"pass discover: the blocks take {arg} of shape {tuple(shape)}, which {what} (N = {num_tokens}, "
+                f"P = {num_prefix}); vitidle cannot tell how to give it the kept tokens' positions")
+        kinds[arg] = "bias" if bias else "rope"
+    return kinds
+
+
+def probe_fewer_tokens(node: fx.Node, block: nn.Module, side: dict[str, str]) -> None:
+    """Run the dense block on all tokens but the last (and its position rows): an idle block runs on
+    fewer tokens, so an attention that computes a position term of its own for all N tokens is refused."""
+    args, kwargs = node.meta["inputs"]
+    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    (first, x), *_ = bound.arguments.items()
+    bound.arguments[first] = x[:, :-1]
+    for arg, kind in side.items():
+        value = bound.arguments[arg]
+        bound.arguments[arg] = value[..., :-1, :] if kind == "rope" else value[..., :-1, :-1]
+    try:
+        block(*bound.args, **bound.kwargs)
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"pass discover: block {node.target} does not run on a subset of its tokens ({type(e).__name__}: "
+            f"{first_line(e)}); its attention computes a position term for all its tokens itself (such as a "
+            "relative-position bias table), which vitidle cannot idle yet") from e
 
 
 def _attention_child(block: nn.Module) -> str:

@@ -20,9 +20,21 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError
-from ..idle import PER_TOKEN_NORMS, SELECTOR, IdleSequential, TokenSelector, gather_tokens, merge_tokens
+from ..idle import (
+    PER_TOKEN_NORMS,
+    SELECTOR,
+    IdleSequential,
+    PositionalSelector,
+    TokenSelector,
+    check_pinned,
+    gather_bias,
+    gather_rope,
+    gather_tokens,
+    merge_tokens,
+    token_rows,
+)
 from ..scoring import QueryKey, is_attention, query_key
-from .discover import ViTLayout, trace
+from .discover import ViTLayout, specialized_args, trace
 from .plan import IdlePlan
 
 
@@ -63,14 +75,14 @@ def insert_token_selection(
     return index
 
 
-def reuse_normed_tokens(gm: fx.GraphModule, attn_input: fx.Node, index: fx.Node) -> None:
+def reuse_normed_tokens(gm: fx.GraphModule, attn_input: fx.Node, index: fx.Node, x_norm: fx.Node | None = None) -> None:
     """Where the attention reads a per-token norm of the kept tokens, gather the norm already taken of all.
 
     LayerNorm and RMSNorm act on each token alone, so gather(norm(x)) == norm(gather(x)).
     """
     if attn_input.op != "call_module" or not isinstance(gm.get_submodule(attn_input.target), PER_TOKEN_NORMS):
         return
-    x_norm = index.args[0]
+    x_norm = x_norm or index.args[0]
     with gm.graph.inserting_before(attn_input):
         kept_norm = gm.graph.call_function(gather_tokens, (x_norm, index))
     attn_input.replace_all_uses_with(kept_norm)
@@ -83,7 +95,7 @@ def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
     The block gets a second argument, `write_into_input=False`: True writes into x itself.
     """
     graph = gm.graph
-    with graph.inserting_after(x):
+    with graph.inserting_after([n for n in graph.nodes if n.op == "placeholder"][-1]):
         into_x = graph.placeholder("write_into_input", default_value=False)
     output = graph.output_node()
     (y,) = output.args
@@ -92,17 +104,75 @@ def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
     output.args = (merged,)
 
 
-def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: int, query: str = "cls") -> fx.GraphModule:
+def insert_positions(gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node,
+                     side: dict[str, str]) -> tuple[fx.Node, fx.Node]:
+    """`insert_token_selection` for a `PositionalSelector`: it also gets the attention module and the block's
+    position inputs, and every use of those reads the kept tokens' rows (a rotary table) or rows and
+    columns (a bias). Returns (kept positions, their rows in the flattened tokens)."""
+    graph = gm.graph
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    inputs = {kind: None for kind in ("rope", "bias")}
+    for arg, kind in side.items():
+        if inputs[kind] is not None:
+            raise ConversionError(f"pass insert_positions: the block takes two inputs of kind {kind}")
+        inputs[kind] = placeholders[arg]
+    first_use = next(n for n in graph.nodes if x in n.all_input_nodes or any(
+        p in n.all_input_nodes for p in inputs.values() if p is not None))
+    gather = {"rope": lambda p, index: graph.call_function(gather_rope, (p, index, gm.get_submodule(SELECTOR).num_prefix)),
+              "bias": lambda p, index: graph.call_function(gather_bias, (p, index))}
+    with graph.inserting_before(first_use):
+        x_norm = x if attn_input is x else graph.call_module(attn_input.target, (x,))
+        module = graph.get_attr(attn.target)
+        index = graph.call_module(SELECTOR, (x_norm, module, inputs["rope"], inputs["bias"]))
+        rows = graph.call_function(token_rows, (x, index))
+        kept = graph.call_function(gather_tokens, (x, rows))
+        for kind, p in inputs.items():
+            if p is not None:
+                gathered = gather[kind](p, index)
+                p.replace_all_uses_with(gathered, delete_user_cb=lambda user, g=gathered: user not in (index, g))
+    x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, index, rows, kept))
+    return index, rows
+
+
+def accept_pinned(gm: fx.GraphModule, pinned: dict[str, Any]) -> None:
+    """Give the traced block back the arguments its trace fixed, which the model still passes
+    (attn_mask=None, is_causal=False): each is checked against its fixed value, so a mask is refused, not ignored."""
+    graph = gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for name, value in pinned.items():
+        with graph.inserting_after(last):
+            last = graph.placeholder(name, default_value=value)
+        if last.name != name:  # fx renamed it: the block would not take the model's keyword argument
+            raise ConversionError(f"pass accept_pinned: the block's argument {name} clashes with a name in its graph")
+        with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+            graph.call_function(check_pinned, (last, value, name))
+
+
+def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: int, query: str = "cls",
+               side: dict[str, str] | None = None, pinned: dict[str, Any] | None = None,
+               rope_dims: int = 2) -> fx.GraphModule:
     """Return `block` rewritten to run on the prefix tokens and its top-`num_keep` image tokens only.
+
+    `side` names the block's position inputs ("rope" or "bias", `ViTLayout.side`) and `pinned` the
+    arguments the model passes as constants; a block with either (or whose attention keeps its query
+    bias apart) gets a `PositionalSelector`, and its position inputs are gathered for the kept tokens.
 
     >>> import timm, torch
     >>> block = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32).blocks[0]
     >>> idle_block(block, num_keep=2, num_prefix=1, num_patches=4)(torch.randn(2, 5, 192)).shape
     torch.Size([2, 5, 192])
     """
-    gm = trace(block)
+    side, pinned = dict(side or {}), dict(pinned or {})
+    if side or pinned:  # the position inputs stay arguments; the rest is fixed as the model passes it
+        concrete = {k: v for k, v in specialized_args(block.forward).items() if k not in side}
+        gm = trace(block, concrete_args={**concrete, **pinned})
+    else:
+        gm = trace(block)
     x, attn, attn_input = find_attention(gm)
     qk = query_key(gm.get_submodule(attn.target), attn.target)
+    if side or pinned or not qk.plain:
+        selector = PositionalSelector(num_keep, num_prefix, num_patches, qk, query, rope_dims)
+        return _idle_positional(block, gm, x, attn, attn_input, selector, side, pinned)
     selector = TokenSelector(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
     gm.add_submodule(SELECTOR, selector.train(block.training))
     index = insert_token_selection(gm, x, attn, attn_input, qk)
@@ -113,6 +183,21 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: in
     gm.recompile()
     gm.__class__.__name__ = f"Idle{type(block).__name__}"
     gm.training = block.training  # not .train(): the submodules keep their own modes
+    return gm
+
+
+def _idle_positional(block: nn.Module, gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node,
+                     selector: PositionalSelector, side: dict[str, str], pinned: dict[str, Any]) -> fx.GraphModule:
+    gm.add_submodule(SELECTOR, selector.train(block.training))
+    index, rows = insert_positions(gm, x, attn, attn_input, side)
+    if attn_input is not x:
+        reuse_normed_tokens(gm, attn_input, rows, index.args[0])
+    accept_pinned(gm, pinned)
+    insert_token_merge(gm, x, rows)
+    gm.graph.lint()
+    gm.recompile()
+    gm.__class__.__name__ = f"Idle{type(block).__name__}"
+    gm.training = block.training
     return gm
 
 
@@ -128,7 +213,7 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.num_patches,
-                                                  layout.query))
+                                          layout.query, dict(layout.side), dict(layout.pinned), layout.rope_dims))
     chain_in_sequential(model, layout)
     return model
 

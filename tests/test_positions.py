@@ -1,0 +1,172 @@
+"""Idle blocks whose attention carries positions: rotary embeddings (timm's Eva) and a relative-position
+bias passed to every block (BEiT, relpos ViTs with a shared bias); refusals of what is not supported."""
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+from reference import layer_logits, masked_idle_forward, positional_kept
+
+import vitidle
+from vitidle.errors import UnsupportedModelError
+from vitidle.idle import PositionalSelector, TokenSelector
+
+SMALL = dict(depth=4, img_size=32, patch_size=8, embed_dim=64, num_heads=2)  # 16 patches, head dim 32
+
+# key -> (timm name, overrides); each keeps its family's structure
+CONFIGS = {
+    "rope": ("vit_small_patch16_rope_224", {}),  # AttentionRope, one rotary table for all heads
+    "eva02": ("eva02_tiny_patch14_224", {}),  # EvaAttention: query bias beside the qkv Linear, SwiGLU
+    "dinov3": ("vit_small_patch16_dinov3", {}),  # half rotation layout, class + 4 registers
+    "rope_gap": ("vit_base_patch16_rope_reg1_gap_256", {}),  # a register, no class token: the mean query
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", {}),  # a table per head and block: keys projected
+    "rope_gqa": ("vit_small_patch16_rope_224", dict(qkv_fused=False, num_kv_heads=1)),  # grouped key heads
+    "eva_registers": ("vit_small_patch16_rope_224", dict(use_rot_pos_emb=False, num_reg_tokens=2)),  # no rope
+    "beit_shared": ("beit_base_patch16_224", dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False)),
+    "relpos_shared": ("vit_relpos_small_patch16_224", dict(shared_rel_pos=True)),  # no class token
+}
+BIAS_ARG = {"beit_shared": "shared_rel_pos_bias", "relpos_shared": "shared_rel_pos"}
+
+
+def dense(key, **overrides):
+    name, kwargs = CONFIGS[key]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **kwargs, **overrides}).eval()
+    with torch.no_grad():  # timm starts relative-position tables at zero: make the positions matter
+        for param_name, param in model.named_parameters():
+            if "relative_position_bias_table" in param_name:
+                param.normal_(std=0.5)
+    return model
+
+
+def images(batch=3):
+    return torch.randn(batch, 3, 32, 32)
+
+
+def block_inputs(model):
+    """Each block's (x, keyword arguments) of the next forward, as the model passes them."""
+    seen = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda m, args, kwargs, i=i: seen.__setitem__(i, (args[0], kwargs)),
+                                        with_kwargs=True)
+    return seen
+
+
+CASES = [(key, 2) for key in CONFIGS] + [("rope", 1), ("beit_shared", 1)]  # batch 1 has its own gather / merge
+
+
+@pytest.mark.parametrize("key, batch", CASES)
+def test_idle_layers_equal_the_dense_model_and_the_masked_reference(key, batch):
+    base = dense(key)
+    model = vitidle.convert(copy.deepcopy(base), keep=0.4, schedule="constant")
+    selectors = [m for m in model.modules() if isinstance(m, TokenSelector)]
+    assert len(selectors) == 3 and all(isinstance(s, PositionalSelector) for s in selectors)
+    layout = model.vitidle_config["layout"]
+    x = images(batch)
+    plan = [s.num_keep for s in selectors]
+    for s in selectors:  # keep 1.0 through the knob: the dense model, to float tolerance
+        s.num_keep = layout["num_tokens"] - layout["num_prefix"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.forward_features(x), base.forward_features(x), atol=1e-5, rtol=1e-5)
+    for s, k in zip(selectors, plan):
+        s.num_keep = k
+    seen = block_inputs(model)
+    with torch.no_grad():
+        model(x)
+    for i, block in enumerate(model.blocks):
+        if not hasattr(block, "selector"):
+            continue
+        tokens, kwargs = seen[i]
+        side = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}  # rope / shared bias
+        sel = block.selector
+        want = positional_kept(base.blocks[i], tokens, sel.num_keep, layout["num_prefix"], layout["query"], **side)
+        kept = sel.kept_index
+        assert torch.equal(kept[:, : layout["num_prefix"]], torch.arange(layout["num_prefix"]).expand(batch, -1))
+        assert torch.equal(kept.sort(1).values, want), f"block {i}"
+        with torch.no_grad():
+            got = block(tokens, **kwargs)
+        ref = masked_idle_forward(base.blocks[i], tokens, want, BIAS_ARG.get(key, "attn_mask"), **side)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        idle = torch.ones(tokens.shape[:2], dtype=torch.bool).scatter_(1, kept, False)
+        assert torch.equal(got[idle], tokens[idle])  # idle tokens bit-identical
+        assert not torch.allclose(got[~idle], tokens[~idle])
+
+
+@pytest.mark.parametrize("key", ["rope", "rope_gap", "beit_shared"])
+def test_recorded_logits_are_the_layers_own(key):
+    base = dense(key)
+    model = vitidle.convert(copy.deepcopy(base), keep=0.5, schedule="constant")
+    seen = block_inputs(model)
+    block = model.blocks[2]
+    block.selector.record_attention = True
+    model(images(2))
+    x, kwargs = seen[2]
+    side = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    logits = block.selector.attention_logits
+    torch.testing.assert_close(logits.detach(), layer_logits(base.blocks[2], x, **side).mean(1), atol=1e-5, rtol=1e-5)
+    logits.sum().backward()  # differentiable, for the token cut loss
+    assert block.attn.get_submodule(block.selector.qk.k_proj).weight.grad is not None
+
+
+@pytest.mark.parametrize("key", ["rope", "beit_shared"])
+def test_save_load_pickle_and_fx_retrace(key, tmp_path):
+    model = vitidle.convert(dense(key), keep=0.5).eval()
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+        vitidle.save(model, tmp_path / "m")
+        assert torch.equal(vitidle.load(tmp_path / "m")(x), want)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(x), want)
+        args = {"attn_mask": None, "is_causal": False} if "attn_mask" in model.blocks[0].attn.forward.__code__.co_varnames else {}
+        traced = torch.fx.symbolic_trace(model, concrete_args=args or None)
+        for batch in (1, 3):  # one traced graph for every batch size
+            x = images(batch)
+            assert torch.equal(traced(x), model(x))
+
+
+def test_training_with_patch_dropout_and_gradients():
+    from timm.layers import PatchDropoutWithIndices
+
+    model = vitidle.convert(dense("rope"), keep=0.7).train()
+    model.patch_drop = PatchDropoutWithIndices(0.25, num_prefix_tokens=1)  # rotary rows per image, fewer tokens
+    model(images(2)).sum().backward()
+    assert model.blocks[3].selector.kept_index.shape == (2, 1 + 5)  # int(16 · 0.7³) image tokens
+    for i, block in enumerate(model.blocks):
+        assert block.attn.qkv.weight.grad.abs().sum() > 0, i
+
+
+def test_an_idle_block_refuses_an_attention_mask():
+    model = vitidle.convert(dense("rope"), keep=0.5)
+    x, rope = torch.randn(1, 17, 64), model.rope.get_embed()
+    model.blocks[1](x, rope=rope, attn_mask=None, is_causal=False)
+    with pytest.raises(TypeError, match="attn_mask"):
+        model.blocks[1](x, rope=rope, attn_mask=torch.zeros(1, 1, 17, 17))
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("beit_base_patch16_224", {}, "does not run on a subset of its tokens.*relative-position bias table"),
+    ("vit_relpos_small_patch16_224", {}, "does not run on a subset of its tokens"),
+    ("vit_small_patch16_18x2_224", {}, "parallel attention branches"),
+])
+def test_unsupported_position_schemes_are_refused_with_the_reason(name, kwargs, match):
+    model = timm.create_model(name, pretrained=False, **SMALL, **kwargs)
+    with pytest.raises(UnsupportedModelError, match=match) as info:
+        vitidle.convert(model, keep=0.5)
+    assert "\n" not in str(info.value)
+
+
+def test_plain_vit_keeps_the_plain_selector():
+    model = vitidle.convert(timm.create_model("deit_tiny_patch16_224", pretrained=False, **SMALL), keep=0.5)
+    assert {type(m) for m in model.modules() if isinstance(m, TokenSelector)} == {TokenSelector}
+
+
+@pytest.mark.parametrize("key", ["rope", "beit_shared"])
+def test_onnx_export_matches_onnxruntime(key, tmp_path):
+    from vitidle.export import export_onnx
+
+    model = vitidle.convert(dense(key, depth=2), keep=0.5, schedule="constant").eval()
+    report = export_onnx(model, tmp_path / "model.onnx", legacy=True, images=images(2))
+    assert report.max_diff <= 1e-4
