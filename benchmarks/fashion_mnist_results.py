@@ -98,7 +98,7 @@ def main() -> None:
                      f"{how} |")
     top1 = {label: r["top1"] for label, r, _, _ in rows}
     control_top1 = top1["control: dense, same 2-epoch finetune"]
-    finetunes = [label for label in top1 if "finetune," in label]
+    finetunes = [label for label in top1 if label.startswith("idle") and "finetune" in label]
     lines += ["", f"Dense GMACs {dense_macs / 1e9:.4f}. Against the control ({control_top1:.2f}%): "
               + "; ".join(f"{label} {top1[label] - control_top1:+.2f} pt" for label in finetunes) + "."]
     by_cut = {0.0: top1["idle 0.7, 2-epoch finetune"]} | {c: top1[f"idle 0.7, 2-epoch finetune, λ_cut {c:g}"]

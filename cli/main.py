@@ -161,6 +161,32 @@ def _options_given(names: tuple[str, ...]) -> list[str]:
             if p.name in names and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
 
 
+def _check_model_source(model: str | None, model_name: str | None) -> None:
+    """A model folder or --model NAME, not both; conversion options only with --model."""
+    given = _options_given(CONVERSION_PARAMS)
+    if model_name and model:
+        raise click.UsageError("pass either MODEL or --model, not both")
+    if given and not model_name:
+        raise click.UsageError(f"{', '.join(given)} only apply with --model (a model folder keeps its own plan and "
+                               "weights)")
+
+
+def _convert_on_the_fly(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg, keep_dense=True):
+    """(dense or None, converted, source) for --model NAME (timm, or hf:ORG/NAME / hf:./FOLDER as in 'convert')."""
+    import copy
+
+    import vitidle
+    from vitidle import hf
+    from vitidle.models import create
+
+    kwargs = _parse_model_args(model_arg)
+    dense = (hf.create if hf.is_hf_name(model_name) else create)(
+        model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
+    idle = vitidle.convert(copy.deepcopy(dense) if keep_dense else dense, keep, schedule=schedule, plan=plan_text,
+                           model_kwargs=kwargs)
+    return (dense if keep_dense else None), idle, f"{idle.vitidle_config['base_model']} (converted on the fly)"
+
+
 def _print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in rows) + 2
     for key, value in rows:
@@ -287,32 +313,18 @@ def bench(model, model_name, keep, schedule, plan_text, weights, no_pretrained, 
     limit's speedup reached, with parameters and GMACs. With --model, the model is created and
     converted on the fly (the conversion options as in 'vitidle convert') instead of loading MODEL.
     """
-    import copy
-
     import torch
 
     import vitidle
     from vitidle.bench import bench as run_bench
     from vitidle.bench import markdown_table
 
-    given = _options_given(CONVERSION_PARAMS)
-    if model_name and model:
-        raise click.UsageError("pass either MODEL or --model, not both")
-    if given and not model_name:
-        raise click.UsageError(f"{', '.join(given)} only apply with --model (a model folder keeps its own plan and "
-                               "weights)")
+    _check_model_source(model, model_name)
     if threads:
         torch.set_num_threads(threads)
     if model_name:
-        from vitidle import hf
-        from vitidle.models import create
-
-        if hf.is_hf_name(model_name):  # hf:ORG/NAME or hf:./FOLDER, as in 'vitidle convert'
-            create = hf.create
-        kwargs = _parse_model_args(model_arg)
-        dense = create(model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
-        idle = vitidle.convert(copy.deepcopy(dense), keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
-        source = f"{idle.vitidle_config['base_model']} (converted on the fly)"
+        dense, idle, source = _convert_on_the_fly(model_name, keep, schedule, plan_text, weights, no_pretrained,
+                                                  model_arg)
     else:
         folder = _model_folder(model)
         dense, idle = vitidle.load(folder, dense=True), vitidle.load(folder)
@@ -366,26 +378,14 @@ def visualize(paths, model_name, keep, schedule, plan_text, weights, no_pretrain
 
     paths = list(paths)
     model = paths.pop(0) if paths and Path(paths[0]).is_dir() else None
-    given = _options_given(CONVERSION_PARAMS)
-    if model_name and model:
-        raise click.UsageError("pass either MODEL or --model, not both")
-    if given and not model_name:
-        raise click.UsageError(f"{', '.join(given)} only apply with --model (a model folder keeps its own plan and "
-                               "weights)")
+    _check_model_source(model, model_name)
     if not paths:
         raise click.UsageError("give at least one IMAGE file")
     blocks = parse_layers(layers) if layers is not None else None
     check_output(output)  # before the model is made
     if model_name:
-        from vitidle import hf
-        from vitidle.models import create
-
-        if hf.is_hf_name(model_name):
-            create = hf.create
-        kwargs = _parse_model_args(model_arg)
-        net = create(model_name, pretrained=not no_pretrained, weights=weights, **kwargs).eval()
-        net = vitidle.convert(net, keep, schedule=schedule, plan=plan_text, model_kwargs=kwargs)
-        source = f"{net.vitidle_config['base_model']} (converted on the fly)"
+        _, net, source = _convert_on_the_fly(model_name, keep, schedule, plan_text, weights, no_pretrained, model_arg,
+                                             keep_dense=False)
     else:
         folder = _model_folder(model)
         net, source = vitidle.load(folder), f"{folder}/"
