@@ -502,7 +502,10 @@ class PositionalSelector(TokenSelector):
         sin = turn(sin) * turn(torch.ones_like(sin))  # |P|(sin): sin with P's permutation, without its signs
         q2 = torch.stack([q, -turn(q)], 1)  # B, 2, Hk, d
         B, _, Hk, d = q2.shape
-        m = torch.einsum("bthc,hci->btci", q2, k_weight).reshape(B, 2 * d, -1)  # B, 2d, C
+        if _one_image(x):  # torch lowers this einsum to a loop of 3d selects and d copies: 3x slower at batch 1
+            m = (q2.unsqueeze(-1) * k_weight).sum(2).reshape(B, 2 * d, -1)  # B, 2d, C
+        else:
+            m = torch.einsum("bthc,hci->btci", q2, k_weight).reshape(B, 2 * d, -1)
         y = torch.bmm(x, m.transpose(1, 2))  # B, N - P, 2d
         if k_bias is not None:
             y = y + (q2 * k_bias.view(Hk, d)).sum(2).reshape(B, 1, 2 * d)
