@@ -25,7 +25,6 @@ def sample_images(input_config: dict, folder: str | os.PathLike | None = None, l
     torch.Size([2, 3, 32, 32])
     """
     from PIL import Image
-    from timm.data import create_transform
 
     if folder is None:
         import skimage.data
@@ -38,10 +37,20 @@ def sample_images(input_config: dict, folder: str | os.PathLike | None = None, l
         if not paths:
             raise UsageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
         pictures = [_read_image(p) for p in paths[:limit]]
+    transform = eval_transform(input_config)
+    return torch.stack([transform(p) for p in pictures])
+
+
+def eval_transform(input_config: dict):
+    """timm's eval transform for `input_config`, after converting a PIL image to the model's channels (grey for
+    a one-channel model)."""
+    from timm.data import create_transform
+
     keys = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-    transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_config.items() if k in keys})
-    mode = "L" if input_config["input_size"][0] == 1 else "RGB"  # grey photos for a one-channel model
-    return torch.stack([transform(p.convert(mode)) for p in pictures])
+    transform = create_transform(**{k: tuple(v) if isinstance(v, list) else v for k, v in input_config.items()
+                                    if k in keys}, is_training=False)
+    mode = "L" if input_config["input_size"][0] == 1 else "RGB"
+    return lambda image: transform(image.convert(mode))
 
 
 def _read_image(path: Path):

@@ -20,7 +20,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -258,28 +257,16 @@ def reduce_precision(src: str | os.PathLike, dest: str | os.PathLike, precision:
 
 
 def sort_nodes(graph) -> None:
-    """Reorder `graph`'s nodes (in place) so that each comes after the nodes it reads from, as ONNX requires."""
-    nodes = list(graph.node)
-    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
-    readers: list[list[int]] = [[] for _ in nodes]
-    waiting = [0] * len(nodes)
-    for i, node in enumerate(nodes):
-        for j in {producer[name] for name in node.input if name in producer}:
-            readers[j].append(i)
-            waiting[i] += 1
-    ready = deque(i for i, n in enumerate(waiting) if n == 0)
-    order = []
-    while ready:
-        i = ready.popleft()
-        order.append(i)
-        for j in readers[i]:
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                ready.append(j)
-    if len(order) != len(nodes):
-        raise OnnxError("the graph has a cycle: its nodes cannot be ordered")
-    graph.ClearField("node")
-    graph.node.extend(nodes[i] for i in order)
+    """Reorder `graph`'s nodes (in place) so that each comes after the nodes it reads from, as ONNX requires
+    (onnx_ir's topological sort; onnx_ir comes with onnxscript, torch's exporter)."""
+    import onnx_ir as ir
+
+    try:
+        ordered = ir.serde.deserialize_graph(graph)
+        ordered.sort()
+    except ValueError as e:
+        raise OnnxError(f"the graph's nodes cannot be ordered (a cycle?): {first_line(e)}") from None
+    graph.CopyFrom(ir.serde.serialize_graph(ordered))
 
 
 def data_path(path: str | os.PathLike) -> Path:

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 TINT = np.array([0.16, 0.26, 0.55])  # idle patches: blended toward this colour
 FADE = 0.7  # share of the tint in an idle patch
-INPUT_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 def visualize(model: nn.Module, image: OneImage | Sequence[OneImage], path: str | os.PathLike,
@@ -134,13 +133,10 @@ def check_output(path: str | os.PathLike) -> Path:
 def preprocess(images: list, input_config: dict) -> tuple[list[str], Tensor]:
     """(names, (B, C, H, W) batch): each image read (a path) and put through timm's eval transform."""
     from PIL import Image
-    from timm.data import create_transform
 
-    from .data import _read_image
+    from .data import _read_image, eval_transform
 
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in input_config.items() if k in INPUT_KEYS}
-    transform = create_transform(**cfg, is_training=False)
-    mode = "L" if input_config["input_size"][0] == 1 else "RGB"
+    transform = eval_transform(input_config)
     names, batch = [], []
     for i, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
@@ -152,7 +148,7 @@ def preprocess(images: list, input_config: dict) -> tuple[list[str], Tensor]:
             names.append(f"image {i + 1}")
         else:
             raise UsageError(f"an image is a file path or a PIL image, not {type(image).__name__}")
-        batch.append(transform(image.convert(mode)))
+        batch.append(transform(image))
     return names, torch.stack(batch)
 
 
