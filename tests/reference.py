@@ -1,5 +1,7 @@
 """Brute-force IdleViT, written from the paper's definition, to check the fx rewrite against."""
 
+from contextlib import contextmanager
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -32,28 +34,37 @@ def idle_forward(block, x, num_keep: int, num_prefix: int, query: str = "cls") -
 
 
 class _SoftmaxInputs(TorchDispatchMode):
-    """Records the input of every softmax: an attention's pre-softmax logits, as it computes them."""
+    """Records the input of every softmax: an attention's pre-softmax logits, as it computes them; with
+    `add`, adds it to them first."""
 
-    def __init__(self):
+    def __init__(self, add: torch.Tensor | None = None):
         super().__init__()
         self.inputs = []
+        self.add = add
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._softmax.default, torch.ops.aten.softmax.int):
+            if self.add is not None:
+                args = (args[0] + self.add, *args[1:])
             self.inputs.append(args[0].detach().clone())
         return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def _unfused(attn):
+    """The attention's own unfused code, whose softmax `_SoftmaxInputs` sees."""
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        yield
+    finally:
+        attn.fused_attn = fused
 
 
 def layer_logits(block, x, **block_kwargs) -> torch.Tensor:
     """(B, H, N, N) pre-softmax logits of the block's attention on x, captured at its softmax: rotary
     embeddings applied and position bias added by the layer's own (unfused) code, nothing recomputed here."""
-    attn = block.attn
-    fused, attn.fused_attn = attn.fused_attn, False
-    try:
-        with torch.no_grad(), _SoftmaxInputs() as mode:
-            block(x, **block_kwargs)
-    finally:
-        attn.fused_attn = fused
+    with torch.no_grad(), _unfused(block.attn), _SoftmaxInputs() as mode:
+        block(x, **block_kwargs)
     return mode.inputs[0]
 
 
@@ -66,15 +77,20 @@ def positional_kept(block, x, num_keep: int, num_prefix: int, query: str = "cls"
     return torch.cat([prefix, top], 1).sort(1).values
 
 
-def masked_idle_forward(block, x, kept: torch.Tensor, mask_into: str = "attn_mask", **block_kwargs) -> torch.Tensor:
+def masked_idle_forward(block, x, kept: torch.Tensor, mask_into: str | None = "attn_mask", **block_kwargs
+                        ) -> torch.Tensor:
     """The idle layer without any gathering: the dense block on all tokens with the idle tokens' keys
     masked out of attention (-inf added through the block's argument `mask_into`: its attention mask, or
-    a bias it adds to the logits), then the idle tokens' outputs replaced by their inputs."""
+    a bias it adds to the logits; None: to the logits at its softmax), then the idle tokens' outputs
+    replaced by their inputs."""
     B, N, _ = x.shape
     keep = torch.zeros(B, N, dtype=torch.bool).scatter_(1, kept, True)
     mask = torch.zeros(B, 1, N, N).masked_fill(~keep[:, None, None, :], float("-inf"))
-    given = block_kwargs.get(mask_into)
-    block_kwargs[mask_into] = mask if given is None else given + mask
     with torch.no_grad():
-        y = block(x, **block_kwargs)
+        if mask_into is None:
+            with _unfused(block.attn), _SoftmaxInputs(add=mask):
+                y = block(x, **block_kwargs)
+        else:
+            given = block_kwargs.get(mask_into)
+            y = block(x, **{**block_kwargs, mask_into: mask if given is None else given + mask})
     return torch.where(keep.unsqueeze(-1), y, x)

@@ -26,8 +26,16 @@ CONFIGS = {
     "eva_registers": ("vit_small_patch16_rope_224", dict(use_rot_pos_emb=False, num_reg_tokens=2)),  # no rope
     "beit_shared": ("beit_base_patch16_224", dict(use_shared_rel_pos_bias=True, use_rel_pos_bias=False)),
     "relpos_shared": ("vit_relpos_small_patch16_224", dict(shared_rel_pos=True)),  # no class token
+    # each attention computes its own bias: traced inline, the bias gathered where the attention reads it
+    "beit": ("beit_base_patch16_224", {}),  # a bias table with class-token entries
+    "relpos": ("vit_relpos_small_patch16_224", {}),  # an MLP over log coordinates, no class token
+    "relpos_cls_post": ("vit_relpos_medium_patch16_rpn_224", dict(class_token=True)),  # bias padded for the
+    # class token; a residual post-norm block, whose attention reads the block input
 }
-BIAS_ARG = {"beit_shared": "shared_rel_pos_bias", "relpos_shared": "shared_rel_pos"}
+# how the masked reference adds its -inf mask: the block argument the attention adds to its logits, or
+# None (at the softmax: relpos attention ignores a shared bias beside its own)
+BIAS_ARG = {"beit_shared": "shared_rel_pos_bias", "relpos_shared": "shared_rel_pos", "beit": "shared_rel_pos_bias",
+            "relpos": None, "relpos_cls_post": None}
 
 
 def dense(key, **overrides):
@@ -54,7 +62,7 @@ def block_inputs(model):
     return seen
 
 
-CASES = [(key, 2) for key in CONFIGS] + [("rope", 1), ("beit_shared", 1)]  # batch 1 has its own gather / merge
+CASES = [(key, 2) for key in CONFIGS] + [("rope", 1), ("beit_shared", 1), ("beit", 1)]  # batch 1 has its own gather / merge
 
 
 @pytest.mark.parametrize("key, batch", CASES)
@@ -95,7 +103,7 @@ def test_idle_layers_equal_the_dense_model_and_the_masked_reference(key, batch):
         assert not torch.allclose(got[~idle], tokens[~idle])
 
 
-@pytest.mark.parametrize("key", ["rope", "rope_gap", "beit_shared"])
+@pytest.mark.parametrize("key", ["rope", "rope_gap", "beit_shared", "relpos"])
 def test_recorded_logits_are_the_layers_own(key):
     base = dense(key)
     model = vitidle.convert(copy.deepcopy(base), keep=0.5, schedule="constant")
@@ -111,7 +119,7 @@ def test_recorded_logits_are_the_layers_own(key):
     assert block.attn.get_submodule(block.selector.qk.k_proj).weight.grad is not None
 
 
-@pytest.mark.parametrize("key", ["rope", "beit_shared"])
+@pytest.mark.parametrize("key", ["rope", "beit_shared", "beit"])
 def test_save_load_pickle_and_fx_retrace(key, tmp_path):
     model = vitidle.convert(dense(key), keep=0.5).eval()
     x = images()
@@ -138,6 +146,15 @@ def test_training_with_patch_dropout_and_gradients():
         assert block.attn.qkv.weight.grad.abs().sum() > 0, i
 
 
+@pytest.mark.parametrize("key", ["beit", "relpos"])
+def test_an_attentions_own_bias_learns_through_the_gather(key):
+    model = vitidle.convert(dense(key), keep=0.5, schedule="constant").train()
+    model(images(2)).sum().backward()
+    for block in model.blocks[1:]:  # idle blocks: the gathered bias rows carry the gradient to the table
+        table = next(p for n, p in block.named_parameters() if "relative_position_bias_table" in n or "rel_pos.mlp" in n)
+        assert table.grad is not None and table.grad.abs().sum() > 0
+
+
 def test_an_idle_block_refuses_an_attention_mask():
     model = vitidle.convert(dense("rope"), keep=0.5)
     x, rope = torch.randn(1, 17, 64), model.rope.get_embed()
@@ -147,8 +164,9 @@ def test_an_idle_block_refuses_an_attention_mask():
 
 
 @pytest.mark.parametrize("name, kwargs, match", [
-    ("beit_base_patch16_224", {}, "does not run on a subset of its tokens.*relative-position bias table"),
-    ("vit_relpos_small_patch16_224", {}, "does not run on a subset of its tokens"),
+    # a bias of its own beside a shared one: two position terms
+    ("beit_base_patch16_224", dict(use_shared_rel_pos_bias=True), "does not run on a subset of its tokens"),
+    ("beit_base_patch16_224", dict(attn_drop_rate=0.1), "branches on training mode.*attn_drop_rate=0"),
     ("vit_small_patch16_18x2_224", {}, "parallel attention branches"),
 ])
 def test_unsupported_position_schemes_are_refused_with_the_reason(name, kwargs, match):
@@ -163,10 +181,31 @@ def test_plain_vit_keeps_the_plain_selector():
     assert {type(m) for m in model.modules() if isinstance(m, TokenSelector)} == {TokenSelector}
 
 
-@pytest.mark.parametrize("key", ["rope", "beit_shared"])
+@pytest.mark.parametrize("key", ["rope", "beit_shared", "beit", "relpos"])
 def test_onnx_export_matches_onnxruntime(key, tmp_path):
     from vitidle.export import export_onnx
 
     model = vitidle.convert(dense(key, depth=2), keep=0.5, schedule="constant").eval()
     report = export_onnx(model, tmp_path / "model.onnx", legacy=True, images=images(2))
     assert report.max_diff <= 1e-4
+
+
+@pytest.mark.parametrize("key", ["rope", "beit_shared", "beit", "relpos"])
+def test_bench_limit_cuts_each_blocks_tokens_and_positions(key):
+    from vitidle.bench import bench, limit_model
+
+    base = dense(key)
+    idle = vitidle.convert(copy.deepcopy(base), keep=0.5, schedule="constant")
+    limit = limit_model(base, idle)
+    seen = []
+    for block in limit.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        limit(images(2))
+    P = idle.vitidle_config["layout"]["num_prefix"]
+    assert seen == [P + 16] + [P + 8] * 3  # the first quarter dense, then half of the 16 patches
+    with torch.no_grad():  # at keep 1.0 nothing is cut: the dense model
+        x = images(2)
+        torch.testing.assert_close(limit_model(base, vitidle.convert(copy.deepcopy(base), 1.0))(x), base(x))
+    macs = bench(base, idle, batch_sizes=(1,), repeats=1, warmup=0, onnx=False)["gmacs"]
+    assert macs["limit"] <= macs["idle"] < macs["dense"]

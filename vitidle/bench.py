@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 import platform
 import statistics
 import tempfile
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import hf
-from .engine.rewrite import config_of, num_keep_of
+from .engine.discover import discover, position_bias, specialized_args, trace_inline
+from .engine.rewrite import accept_pinned, config_of, num_keep_of
 from .errors import UsageError
 from .export import INPUT_NAME, export_onnx, ort_session
 from .idle import idle_selectors
@@ -67,6 +69,19 @@ class PositionCount(nn.Module):
         return value[..., : n - P, :] if value.shape[-2] == N - P else value
 
 
+def bias_cut_block(block: nn.Module, num_tokens: int, all_tokens: int, pinned: dict) -> nn.Module:
+    """A block whose attention computes a position bias of its own (BEiT, relpos ViTs), traced through its
+    attention with that bias cut to its first `num_tokens` rows and columns: the block, runnable on fewer tokens."""
+    gm = trace_inline(block, {**specialized_args(block.forward), **pinned})
+    bias = position_bias(gm, all_tokens)
+    with gm.graph.inserting_after(bias):
+        cut = gm.graph.call_function(operator.getitem, (bias, (Ellipsis, slice(None, num_tokens), slice(None, num_tokens))))
+    bias.replace_all_uses_with(cut, delete_user_cb=lambda user: user is not cut)
+    accept_pinned(gm, pinned)
+    gm.recompile()
+    return gm
+
+
 def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
     """A copy of `dense` whose blocks run on the token counts of `idle`'s plan, with no selection cost."""
     if hf.is_hf_model(dense):  # transformers layers take masks and return tuples: they get a class of their own
@@ -75,10 +90,14 @@ def limit_model(dense: nn.Module, idle: nn.Module) -> nn.Module:
     limit = copy.deepcopy(dense)
     num_prefix = config["layout"]["num_prefix"]
     current = num_tokens = config["layout"]["num_tokens"]
+    layout = None
     for name, num_keep in zip(config["layout"]["blocks"], num_keep_of(idle)):
         n = num_tokens if num_keep is None else min(num_prefix + num_keep, num_tokens)
         block = limit.get_submodule(name)
         if len(inspect.signature(block.forward).parameters) > 1:  # it takes positions: each block cuts its own
+            layout = layout or discover(dense)
+            if layout.inner_bias and n < num_tokens:
+                block = bias_cut_block(block, n, num_tokens, dict(layout.pinned))
             parent_name, _, child = name.rpartition(".")
             setattr(limit.get_submodule(parent_name), child, PositionCount(block, n, num_tokens, num_prefix))
             current = n

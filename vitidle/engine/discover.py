@@ -36,6 +36,7 @@ class ViTLayout:
     side: tuple[tuple[str, str], ...] = ()
     pinned: tuple[tuple[str, Any], ...] = ()
     rope_dims: int = 2  # the rank of the rotary table: 2 for one shared by all heads, 3 for one per head
+    inner_bias: bool = False  # each attention computes a logit bias of its own (BEiT, relpos ViTs): traced inline
 
     @property
     def num_patches(self) -> int:
@@ -62,19 +63,89 @@ def specialized_args(forward) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
-def trace(module: nn.Module, concrete_args: dict | None = None) -> fx.GraphModule:
-    """Trace `module.forward` with `LeafTracer`, its optional arguments pinned (`concrete_args`, default: all
-    to their defaults); a failure names the pass and the module."""
+class InlineTracer(LeafTracer):
+    """`LeafTracer` that also traces through the attention child `attention`, down to torch's own modules:
+    a position bias the attention computes from its parameters alone becomes nodes of the block's graph."""
+
+    def __init__(self, attention: str | None = None):  # None: as `LeafTracer` (fx re-traces unpickled graphs so)
+        super().__init__()
+        self.attention = attention
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self.attention is not None and (qualname == self.attention or qualname.startswith(f"{self.attention}.")):
+            return fx.Tracer.is_leaf_module(self, m, qualname)
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(module: nn.Module, concrete_args: dict | None = None, tracer: fx.Tracer | None = None) -> fx.GraphModule:
+    """Trace `module.forward` with `tracer` (default `LeafTracer`), its optional arguments pinned
+    (`concrete_args`, default: all to their defaults); a failure names the pass and the module."""
     if concrete_args is None:
         concrete_args = specialized_args(module.forward)
     try:
-        graph = LeafTracer().trace(module, concrete_args=concrete_args)
+        graph = (tracer or LeafTracer()).trace(module, concrete_args=concrete_args)
     except Exception as e:  # fx raises many kinds; all mean the same to the user
         raise ConversionError(f"pass trace: torch.fx cannot trace {type(module).__name__}: {e}") from e
     gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
     drop_pinned_args(gm.graph)
     gm.recompile()
     return gm
+
+
+def trace_inline(block: nn.Module, concrete_args: dict) -> fx.GraphModule:
+    """Trace `block` with its attention inlined (`InlineTracer`); the graph module holds the attention module
+    itself, so state-dict keys and the attributes the selector reads stay the block's.
+
+    fx fixes Python branches on `self.training` at trace time: a block whose trace differs between the
+    two modes (attention dropout inside its own code) is refused, as neither trace is right for both.
+    """
+    name = _attention_child(block)
+    modes = [(m, m.training) for m in block.modules()]
+    codes = []
+    try:
+        for mode in (False, True):
+            block.train(mode)
+            try:
+                gm = trace(block, concrete_args, InlineTracer(name))
+            finally:
+                for attr in [a for a in vars(block) if a.startswith("_tensor_constant")]:  # fx's, left on its root
+                    delattr(block, attr)
+            codes.append(gm.code)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if codes[0] != codes[1]:
+        raise UnsupportedModelError(
+            f"pass trace_inline: the attention of {type(block).__name__} branches on training mode in its own code "
+            "(attention dropout?), which a traced graph cannot; convert it with attn_drop_rate=0")
+    setattr(gm, name, block.get_submodule(name))
+    for attr in [a for a in gm._buffers if a.startswith("_tensor_constant")]:  # fx's constants: out of the state dict
+        gm._non_persistent_buffers_set.add(attr)
+    return gm
+
+
+def position_bias(gm: fx.GraphModule, num_tokens: int) -> fx.Node:
+    """The node of an inlined block's graph (`trace_inline`) that is its attention's own position bias:
+    the one (…, H, N, N) tensor computed from parameters and buffers alone that the token computation reads."""
+    from_tokens = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in from_tokens for a in n.all_input_nodes):
+            from_tokens.add(n)
+    run = fx.Interpreter(gm)
+    terms = []
+    with torch.no_grad():
+        for n in gm.graph.nodes:
+            if n in from_tokens or n.op == "output":
+                continue
+            run.env[n] = value = run.run_node(n)
+            if (isinstance(value, torch.Tensor) and value.dim() >= 3 and tuple(value.shape[-2:]) == (num_tokens,) * 2
+                    and any(u in from_tokens for u in n.users)):
+                terms.append(n)
+    if len(terms) != 1:
+        raise UnsupportedModelError(
+            f"pass position_bias: {type(gm).__name__}'s attention reads {len(terms)} (…, N, N) terms computed from "
+            f"its parameters (N = {num_tokens}), not one position bias; vitidle cannot tell which rows to gather")
+    return terms[0]
 
 
 def drop_pinned_args(graph: fx.Graph) -> None:
@@ -210,6 +281,7 @@ def discover(model: nn.Module) -> ViTLayout:
     attn_dim = qk.q_rows.stop if qk.q_rows else first.get_submodule(f"{_attention_child(first)}.{qk.q_proj}").out_features
     head_dim = attn_dim // qk.num_heads
     side = side_kinds(side_nodes, num_tokens, int(num_prefix), head_dim)
+    inner = set()
     for node in nodes:
         block = modules[node.target]
         attn = block.get_submodule(_attention_child(block))
@@ -218,7 +290,10 @@ def discover(model: nn.Module) -> ViTLayout:
                 f"pass discover: the attention of {node.target} leaves {attn.num_prefix_tokens} tokens unrotated, "
                 f"the model has {num_prefix} prefix tokens; vitidle cannot tell which tokens carry positions")
         with evaluating(model), torch.no_grad():
-            probe_fewer_tokens(node, block, side)
+            inner.add(probe_fewer_tokens(node, block, side, pinned, num_tokens))
+    if len(inner) > 1:
+        raise UnsupportedModelError(f"pass discover: some of {name}'s attentions compute a position bias of their own "
+                                    "and some do not; vitidle needs blocks alike")
     return ViTLayout(
         blocks=tuple(n.target for n in nodes),
         num_tokens=num_tokens,
@@ -228,6 +303,7 @@ def discover(model: nn.Module) -> ViTLayout:
         side=tuple(side.items()),
         pinned=tuple(pinned.items()),
         rope_dims=next((len(side_nodes[a][0].meta["shape"]) for a, kind in side.items() if kind == "rope"), 2),
+        inner_bias=inner == {True},
     )
 
 
@@ -308,9 +384,11 @@ def side_kinds(side: dict[str, list[fx.Node]], num_tokens: int, num_prefix: int,
     return kinds
 
 
-def probe_fewer_tokens(node: fx.Node, block: nn.Module, side: dict[str, str]) -> None:
-    """Run the dense block on all tokens but the last (and its position rows): an idle block runs on
-    fewer tokens, so an attention that computes a position term of its own for all N tokens is refused."""
+def probe_fewer_tokens(node: fx.Node, block: nn.Module, side: dict[str, str], pinned: dict[str, Any],
+                       num_tokens: int) -> bool:
+    """Run the dense block on all tokens but the last (and its position rows), as an idle block runs on fewer
+    tokens. Returns False if it runs, True if it fails because its attention computes a position bias of its
+    own for all N tokens (found in its inlined trace: `position_bias`); anything else is refused."""
     args, kwargs = node.meta["inputs"]
     bound = inspect.signature(block.forward).bind(*args, **kwargs)
     (first, x), *_ = bound.arguments.items()
@@ -320,11 +398,18 @@ def probe_fewer_tokens(node: fx.Node, block: nn.Module, side: dict[str, str]) ->
         bound.arguments[arg] = value[..., :-1, :] if kind == "rope" else value[..., :-1, :-1]
     try:
         block(*bound.args, **bound.kwargs)
+        return False
     except Exception as e:
-        raise UnsupportedModelError(
-            f"pass discover: block {node.target} does not run on a subset of its tokens ({type(e).__name__}: "
-            f"{first_line(e)}); its attention computes a position term for all its tokens itself (such as a "
-            "relative-position bias table), which vitidle cannot idle yet") from e
+        reason = f"{type(e).__name__}: {first_line(e)}"
+    if not side:  # a bias of the attention's own (BEiT, relpos ViTs): its rows and columns can be gathered
+        try:
+            position_bias(trace_inline(block, {**specialized_args(block.forward), **pinned}), num_tokens)
+            return True
+        except (UnsupportedModelError, ConversionError) as e:
+            reason += f"; {first_line(e)}"
+    raise UnsupportedModelError(
+        f"pass discover: block {node.target} does not run on a subset of its tokens ({reason}); its attention "
+        "computes a position term for all its tokens itself, which vitidle cannot idle yet")
 
 
 def _attention_child(block: nn.Module) -> str:

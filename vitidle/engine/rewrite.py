@@ -34,7 +34,7 @@ from ..idle import (
     token_rows,
 )
 from ..scoring import QueryKey, is_attention, query_key
-from .discover import ViTLayout, specialized_args, trace
+from .discover import ViTLayout, position_bias, specialized_args, trace, trace_inline
 from .plan import IdlePlan
 
 
@@ -104,34 +104,42 @@ def insert_token_merge(gm: fx.GraphModule, x: fx.Node, index: fx.Node) -> None:
     output.args = (merged,)
 
 
-def insert_positions(gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node,
-                     side: dict[str, str]) -> tuple[fx.Node, fx.Node]:
+def insert_positions(gm: fx.GraphModule, x: fx.Node, attention: str, attn_input: fx.Node,
+                     positions: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node]:
     """`insert_token_selection` for a `PositionalSelector`: it also gets the attention module and the block's
-    position inputs, and every use of those reads the kept tokens' rows (a rotary table) or rows and
-    columns (a bias). Returns (kept positions, their rows in the flattened tokens)."""
+    position tensors (`positions`: a "rope" table, a "bias"), and every other use of those reads the kept
+    tokens' rows (a rotary table) or rows and columns (a bias). Returns (kept positions, their rows in the
+    flattened tokens)."""
     graph = gm.graph
-    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-    inputs = {kind: None for kind in ("rope", "bias")}
-    for arg, kind in side.items():
-        if inputs[kind] is not None:
-            raise ConversionError(f"pass insert_positions: the block takes two inputs of kind {kind}")
-        inputs[kind] = placeholders[arg]
     first_use = next(n for n in graph.nodes if x in n.all_input_nodes or any(
-        p in n.all_input_nodes for p in inputs.values() if p is not None))
+        p in n.all_input_nodes for p in positions.values()))
     gather = {"rope": lambda p, index: graph.call_function(gather_rope, (p, index, gm.get_submodule(SELECTOR).num_prefix)),
               "bias": lambda p, index: graph.call_function(gather_bias, (p, index))}
     with graph.inserting_before(first_use):
         x_norm = x if attn_input is x else graph.call_module(attn_input.target, (x,))
-        module = graph.get_attr(attn.target)
-        index = graph.call_module(SELECTOR, (x_norm, module, inputs["rope"], inputs["bias"]))
+        module = graph.get_attr(attention)
+        index = graph.call_module(SELECTOR, (x_norm, module, positions.get("rope"), positions.get("bias")))
         rows = graph.call_function(token_rows, (x, index))
         kept = graph.call_function(gather_tokens, (x, rows))
-        for kind, p in inputs.items():
-            if p is not None:
-                gathered = gather[kind](p, index)
-                p.replace_all_uses_with(gathered, delete_user_cb=lambda user, g=gathered: user not in (index, g))
+        for kind, p in positions.items():
+            gathered = gather[kind](p, index)
+            p.replace_all_uses_with(gathered, delete_user_cb=lambda user, g=gathered: user not in (index, g))
     x.replace_all_uses_with(kept, delete_user_cb=lambda user: user not in (x_norm, index, rows, kept))
     return index, rows
+
+
+def hoist(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> None:
+    """Move `node`, computed without the tokens x, and what it is computed from before x's first use, so the
+    selector (inserted there) can read it."""
+    first_use = next(n for n in gm.graph.nodes if x in n.all_input_nodes)
+    needed, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n not in needed and n.op != "placeholder":
+            needed.add(n)
+            todo.extend(n.all_input_nodes)
+    for n in [n for n in gm.graph.nodes if n in needed]:  # in graph order, so each still follows its inputs
+        first_use.prepend(n)
 
 
 def accept_pinned(gm: fx.GraphModule, pinned: dict[str, Any]) -> None:
@@ -150,12 +158,14 @@ def accept_pinned(gm: fx.GraphModule, pinned: dict[str, Any]) -> None:
 
 def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: int, query: str = "cls",
                side: dict[str, str] | None = None, pinned: dict[str, Any] | None = None,
-               rope_dims: int = 2) -> fx.GraphModule:
+               rope_dims: int = 2, inner_bias: bool = False) -> fx.GraphModule:
     """Return `block` rewritten to run on the prefix tokens and its top-`num_keep` image tokens only.
 
     `side` names the block's position inputs ("rope" or "bias", `ViTLayout.side`) and `pinned` the
     arguments the model passes as constants; a block with either (or whose attention keeps its query
     bias apart) gets a `PositionalSelector`, and its position inputs are gathered for the kept tokens.
+    With `inner_bias` the attention computes a bias of its own (`ViTLayout.inner_bias`): the block is traced
+    through its attention (`trace_inline`) and that bias is gathered where the attention reads it.
 
     >>> import timm, torch
     >>> block = timm.create_model("deit_tiny_patch16_224", depth=1, img_size=32).blocks[0]
@@ -170,9 +180,20 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: in
         gm = trace(block)
     x, attn, attn_input = find_attention(gm)
     qk = query_key(gm.get_submodule(attn.target), attn.target)
-    if side or pinned or not qk.plain:
+    placeholders = {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+    positions = {kind: placeholders[arg] for arg, kind in side.items()}
+    if len(positions) != len(side):
+        raise ConversionError(f"pass idle_block: the block takes two position inputs of one kind: {side}")
+    if inner_bias:  # the attention's own bias: trace through the attention to reach it
+        gm = trace_inline(block, {**specialized_args(block.forward), **pinned})
+        x, leaf_x = next(n for n in gm.graph.nodes if n.op == "placeholder"), x
+        attn_input = x if attn_input is leaf_x else next(
+            n for n in x.users if n.op == "call_module" and n.target == attn_input.target)
+        positions = {"bias": position_bias(gm, num_prefix + num_patches)}
+        hoist(gm, positions["bias"], x)
+    if side or pinned or inner_bias or not qk.plain:
         selector = PositionalSelector(num_keep, num_prefix, num_patches, qk, query, rope_dims)
-        return _idle_positional(block, gm, x, attn, attn_input, selector, side, pinned)
+        return _idle_positional(block, gm, x, attn.target, attn_input, selector, positions, pinned)
     selector = TokenSelector(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
     gm.add_submodule(SELECTOR, selector.train(block.training))
     index = insert_token_selection(gm, x, attn, attn_input, qk)
@@ -186,10 +207,11 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: in
     return gm
 
 
-def _idle_positional(block: nn.Module, gm: fx.GraphModule, x: fx.Node, attn: fx.Node, attn_input: fx.Node,
-                     selector: PositionalSelector, side: dict[str, str], pinned: dict[str, Any]) -> fx.GraphModule:
+def _idle_positional(block: nn.Module, gm: fx.GraphModule, x: fx.Node, attention: str, attn_input: fx.Node,
+                     selector: PositionalSelector, positions: dict[str, fx.Node], pinned: dict[str, Any]
+                     ) -> fx.GraphModule:
     gm.add_submodule(SELECTOR, selector.train(block.training))
-    index, rows = insert_positions(gm, x, attn, attn_input, side)
+    index, rows = insert_positions(gm, x, attention, attn_input, positions)
     if attn_input is not x:
         reuse_normed_tokens(gm, attn_input, rows, index.args[0])
     accept_pinned(gm, pinned)
@@ -213,7 +235,8 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.num_patches,
-                                          layout.query, dict(layout.side), dict(layout.pinned), layout.rope_dims))
+                                          layout.query, dict(layout.side), dict(layout.pinned), layout.rope_dims,
+                                          layout.inner_bias))
     chain_in_sequential(model, layout)
     return model
 
