@@ -205,6 +205,10 @@ def twin(name: str):
                 block.ls2.gamma.uniform_(0.5, 1.5)
         hm = dense_model(name, "sdpa", layer_norm_eps=1e-6)
         p, layers, norms = "", "encoder.layer", ("norm1", "norm2")
+    elif name == "clip":  # a norm before the layers, no patch bias; the pooler norms the class token
+        tm = timm.create_model("vit_base_patch32_clip_224", num_classes=0, mlp_ratio=2, **size).eval()
+        hm = dense_model(name, "sdpa", hidden_act="gelu")
+        return tm, clip_state(tm, hm)
     else:
         distilled = name == "deit"
         arch = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
@@ -238,12 +242,35 @@ def twin(name: str):
     return tm, hm
 
 
+def clip_state(tm, hm) -> dict:
+    """timm CLIP ViT weights under HF `CLIPVisionModel` keys."""
+    state, norms = {}, {"norm_pre": "pre_layrnorm", "norm": "post_layernorm"}
+    for k, v in tm.state_dict().items():
+        if k.startswith("blocks."):
+            _, i, rest = k.split(".", 2)
+            layer = f"encoder.layers.{i}."
+            if rest.startswith("attn.qkv."):
+                for proj, part in zip("qkv", v.chunk(3)):
+                    state[f"{layer}self_attn.{proj}_proj.{rest.rpartition('.')[2]}"] = part
+            else:
+                state[layer + rest.replace("norm1", "layer_norm1").replace("norm2", "layer_norm2")
+                      .replace("attn.proj", "self_attn.out_proj")] = v
+            continue
+        name, _, param = k.rpartition(".")
+        key, value = {"cls_token": ("embeddings.class_embedding", v.flatten()),
+                      "pos_embed": ("embeddings.position_embedding.weight", v[0]),
+                      "patch_embed.proj.weight": ("embeddings.patch_embedding.weight", v)}.get(k, (None, v))
+        state[key or f"{norms[name]}.{param}"] = value
+    hm.load_state_dict(state, strict=True)
+    return hm
+
+
 def pooled(output) -> torch.Tensor:
     """What a timm model returns: logits, else the pooled class token."""
     return output.logits if getattr(output, "logits", None) is not None else output.pooler_output
 
 
-@pytest.mark.parametrize("name", ["vit", "deit", "dinov2"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "clip"])
 def test_a_timm_vit_and_its_hf_twin_keep_the_same_tokens_and_logits(name):
     tm, hm = twin(name)
     x = images(4)
@@ -303,6 +330,23 @@ def test_cli_converts_a_save_pretrained_folder(tmp_path, capsys, monkeypatch):
     code, err = cli(capsys, "convert", "--model", "hf:./deit-tiny", "--model-arg", "trust_remote_code=true",
                     "-o", "x")
     assert code == 2 and "trust_remote_code cannot be given" in err and len(err.splitlines()) == 1
+
+
+def test_an_image_text_model_folder_converts_its_vision_model(tmp_path, capsys):
+    config = T.CLIPConfig(text_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64), vision_config=SIZE, projection_dim=16)
+    torch.manual_seed(0)
+    clip = T.CLIPModel(config).eval()
+    with pytest.raises(UnsupportedModelError, match="takes input_ids.*vision model alone"):
+        vitidle.convert(clip)
+    clip.save_pretrained(tmp_path / "clip")
+    code, err = cli(capsys, "convert", "--model", f"hf:{tmp_path / 'clip'}", "--keep", "1.0", "-o", tmp_path / "out")
+    assert code == 0, err
+    vision = vitidle.load(tmp_path / "out")
+    assert type(vision).__name__ == "CLIPVisionModel"
+    x = images()
+    with torch.no_grad():  # keep 1.0: CLIP's own vision tower, with the weights of the checkpoint
+        torch.testing.assert_close(vision(pixel_values=x).pooler_output, clip.vision_model(pixel_values=x).pooler_output)
 
 
 def test_a_hub_id_offline_fails_in_seconds_on_one_line(tmp_path, capsys, offline):

@@ -114,7 +114,8 @@ def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     takes = getattr(model, "main_input_name", "pixel_values")
     if takes != "pixel_values":
         raise UnsupportedModelError(f"no attention blocks found that see image tokens: {name} takes {takes}, not "
-                                    "pixel_values; vitidle converts vision transformers")
+                                    "pixel_values; vitidle converts vision transformers (of an image-text model, its "
+                                    "vision model alone: hf:NAME loads it so)")
     stacks = [(n, m) for n, m in model.named_modules()
               if isinstance(m, nn.ModuleList) and len(m) and all(attention_of(layer) for layer in m)]
     if not stacks:
@@ -544,6 +545,10 @@ def _create(source: str, offline: bool, local: bool, pretrained: bool, weights, 
         raise WeightsUnavailableError(f"cannot load hf:{source}: no usable config.json {where} "
                                       f"({type(e).__name__})") from e
     cls = model_class((config.architectures or [""])[0]) if config.architectures else transformers.AutoModel
+    vision = getattr(config, "vision_config", None)
+    if getattr(cls, "main_input_name", "pixel_values") != "pixel_values" and type(vision) in transformers.MODEL_MAPPING:
+        # an image-text model (CLIP, SigLIP): its vision tower, as the class transformers maps its config to
+        config, cls = vision, transformers.MODEL_MAPPING[type(vision)]
     try:
         if pretrained and weights is None:
             model = cls.from_pretrained(source, config=config, local_files_only=offline, **model_kwargs)
