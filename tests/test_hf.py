@@ -218,17 +218,11 @@ def twin(name: str):
         layers, norms = f"{p}layers", ("layernorm_before", "layernorm_after")
     head = "cls_classifier" if name == "deit" else "classifier"
     state = {k: v for k, v in hm.state_dict().items() if k.endswith("mask_token")}  # HF only (masked pretraining)
+    renames = {"norm1": norms[0], "norm2": norms[1], "attn.proj": "attention.o_proj",
+               "ls1.gamma": "layer_scale1.lambda1", "ls2.gamma": "layer_scale2.lambda1"}
     for k, v in tm.state_dict().items():
         if k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
-            layer = f"{layers}.{i}."
-            if rest.startswith("attn.qkv."):
-                for proj, part in zip("qkv", v.chunk(3)):
-                    state[f"{layer}attention.{proj}_proj.{rest.rpartition('.')[2]}"] = part
-                continue
-            rest = (rest.replace("norm1", norms[0]).replace("norm2", norms[1]).replace("attn.proj", "attention.o_proj")
-                    .replace("ls1.gamma", "layer_scale1.lambda1").replace("ls2.gamma", "layer_scale2.lambda1"))
-            state[layer + rest] = v
+            state.update(block_state(k, v, layers, "attention", renames))
             continue
         state[{"cls_token": f"{p}embeddings.cls_token", "dist_token": f"{p}embeddings.distillation_token",
                "pos_embed": f"{p}embeddings.position_embeddings",
@@ -242,19 +236,25 @@ def twin(name: str):
     return tm, hm
 
 
-def clip_state(tm, hm) -> dict:
-    """timm CLIP ViT weights under HF `CLIPVisionModel` keys."""
+def block_state(key: str, value: torch.Tensor, layers: str, attention: str, renames: dict) -> dict:
+    """A timm block's tensor under HF keys: the fused qkv split into q/k/v_proj, other names renamed."""
+    _, i, rest = key.split(".", 2)
+    layer = f"{layers}.{i}."
+    if rest.startswith("attn.qkv."):
+        param = rest.rpartition(".")[2]
+        return {f"{layer}{attention}.{proj}_proj.{param}": part for proj, part in zip("qkv", value.chunk(3))}
+    for old, new in renames.items():
+        rest = rest.replace(old, new)
+    return {layer + rest: value}
+
+
+def clip_state(tm, hm):
+    """`hm` (a `CLIPVisionModel`) holding the timm CLIP ViT's weights, keys mapped."""
     state, norms = {}, {"norm_pre": "pre_layrnorm", "norm": "post_layernorm"}
+    renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj"}
     for k, v in tm.state_dict().items():
         if k.startswith("blocks."):
-            _, i, rest = k.split(".", 2)
-            layer = f"encoder.layers.{i}."
-            if rest.startswith("attn.qkv."):
-                for proj, part in zip("qkv", v.chunk(3)):
-                    state[f"{layer}self_attn.{proj}_proj.{rest.rpartition('.')[2]}"] = part
-            else:
-                state[layer + rest.replace("norm1", "layer_norm1").replace("norm2", "layer_norm2")
-                      .replace("attn.proj", "self_attn.out_proj")] = v
+            state.update(block_state(k, v, "encoder.layers", "self_attn", renames))
             continue
         name, _, param = k.rpartition(".")
         key, value = {"cls_token": ("embeddings.class_embedding", v.flatten()),
