@@ -470,3 +470,35 @@ def test_recording_attention_without_gradients_in_training_is_refused():
 def test_torch_jit_script_names_what_to_use_instead():
     with pytest.raises(RuntimeError, match="torch.export.export, torch.compile"):
         torch.jit.script(converted())
+
+
+def _rope_selector():
+    """An idle Eva block's selector, its attention, the model's rotary table (a copy) and normed tokens."""
+    model = converted("vit_small_patch16_rope_224", img_size=32, patch_size=8, embed_dim=64, num_heads=2)
+    block = model.blocks[-1]
+    rope = model.rope.get_embed().clone()
+    x_norm = torch.randn(2, block.selector.num_prefix + rope.shape[0], 64)
+    return block.selector, block.attn, rope, x_norm
+
+
+@pytest.mark.parametrize("paired", [True, False])
+def test_rotary_scores_are_the_layers_logits(paired):
+    # timm's tables turn partners c, |P|(c) by one angle (the score sums their rows); a table that does
+    # not, and every tracer, get the full product
+    sel, attn, rope, x_norm = _rope_selector()
+    if not paired:
+        rope += 0.01 * torch.randn_like(rope)
+    with torch.no_grad():
+        want = sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:]
+        for cached in (False, True):
+            torch.testing.assert_close(sel._image_scores(x_norm, attn, rope, None, cached), want)
+    assert sel._rotary_cache[2][2] is paired
+
+
+def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table():
+    sel, attn, rope, x_norm = _rope_selector()
+    with torch.no_grad():
+        sel._image_scores(x_norm, attn, rope, None, True)
+        rope[:, rope.shape[1] // 2:] *= 0.5  # the cosines
+        torch.testing.assert_close(sel._image_scores(x_norm, attn, rope, None, True),
+                                   sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:])
