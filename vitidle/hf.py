@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -258,8 +259,9 @@ class IdleLayer(Swapped):
         rows = self.selector(x_norm, self.get_submodule(paths.q_proj), self.get_submodule(paths.k_proj))  # B*(P+K)
         # torch.export and ONNX pass a filled mask, a user may pass one, CLIP passes a second (causal) one:
         # every (.., N, N) tensor argument is cut to the kept rows and columns; other tensors are refused
-        attention_mask, *args = (_kept_mask(a, rows, x.shape) for a in (attention_mask, *args))
-        kwargs = {k: _kept_mask(v, rows, x.shape) for k, v in kwargs.items()}
+        if attention_mask is not None or args or kwargs:  # (eager use passes none: no Python spent at batch 1)
+            attention_mask, *args = (_kept_mask(a, rows, x.shape) for a in (attention_mask, *args))
+            kwargs = {k: _kept_mask(v, rows, x.shape) for k, v in kwargs.items()}
         kept = gather_tokens(x, rows)
         reuse = isinstance(norm, ReusedNorm)
         if reuse:  # the layer's norm returns these rows of x_norm for `kept` instead of norming them again
@@ -339,13 +341,21 @@ def swap(module: nn.Module, mixin: type) -> nn.Module:
     return module
 
 
-def _refuse_attention_maps() -> None:
-    """Refuse `output_attentions=True`: an idle layer's attention covers its kept tokens only, in no fixed order."""
+@functools.cache
+def _output_collector() -> Any:
+    """transformers' context variable of the outputs a forward collects (None in another transformers layout);
+    looked up once, as an idle layer asks on every call."""
     try:
         from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # another transformers layout: nothing to check
-        return
-    collected = _active_collector.get()
+    except ImportError:
+        return None
+    return _active_collector
+
+
+def _refuse_attention_maps() -> None:
+    """Refuse `output_attentions=True`: an idle layer's attention covers its kept tokens only, in no fixed order."""
+    collector = _output_collector()
+    collected = None if collector is None else collector.get()
     if collected is not None and "attentions" in collected:
         raise UsageError("output_attentions=True is not supported by a vitidle-converted model: its idle layers "
                          "attend among their kept tokens only; use the dense model for attention maps")
