@@ -484,7 +484,7 @@ def _rope_selector():
 @pytest.mark.parametrize("paired", [True, False])
 def test_rotary_scores_are_the_layers_logits(paired):
     # timm's tables turn partners c, |P|(c) by one angle (the score sums their rows); a table that does
-    # not, and every tracer, get the full product
+    # not gets the full product (tracers take the pairing the conversion saw)
     sel, attn, rope, x_norm = _rope_selector()
     if not paired:
         rope += 0.01 * torch.randn_like(rope)

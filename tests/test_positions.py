@@ -135,6 +135,12 @@ def test_save_load_pickle_and_fx_retrace(key, tmp_path):
             assert torch.equal(traced(x), model(x))
 
 
+@pytest.mark.parametrize("key", ["rope", "eva02", "dinov3"])
+def test_the_conversion_records_that_timms_rotary_tables_pair_their_columns(key):
+    model = vitidle.convert(dense(key), keep=0.5)  # what tracers (ONNX) score with: half-width products
+    assert all(s.paired for s in model.modules() if isinstance(s, PositionalSelector))
+
+
 def test_training_with_patch_dropout_and_gradients():
     from timm.layers import PatchDropoutWithIndices
 

@@ -395,10 +395,14 @@ class PositionalSelector(TokenSelector):
     linear in the normed token, so all scores cost 2·N·C·d instead of N·C² (d = head dim).
     """
 
-    def __init__(self, num_keep: int, num_prefix: int, num_patches: int, qk, query: str = "cls", rope_dims: int = 2):
+    def __init__(self, num_keep: int, num_prefix: int, num_patches: int, qk, query: str = "cls", rope_dims: int = 2,
+                 paired: bool = False):
         super().__init__(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
         self.qk = qk  # scoring.QueryKey: where the attention keeps its projections
-        self.rope_dims = rope_dims  # the rotary table's rank the conversion saw, for tracers (no branch on a Proxy)
+        # what the conversion saw of the rotary table, for tracers (no branch on a Proxy or on a traced table's
+        # values): its rank, and whether it turns partner columns by one angle (`rotary_pairs`)
+        self.rope_dims = rope_dims
+        self.paired = paired
         self._rotary_cache: tuple | None = None
 
     def extra_repr(self) -> str:
@@ -546,8 +550,8 @@ class PositionalSelector(TokenSelector):
                        cached: bool) -> tuple[Tensor, Tensor, bool]:
         """(2d, d) `turns` with turns @ q = [q, −P(q)] per row c, the (N, 2d) table scale · [cos, |P|(sin)] in the
         same order (zeros at the P prefix tokens), and whether cos and |P|(sin) are equal at partners c, |P|(c)
-        (then the table has one column of each pair, (N, d)). Tracers get `paired` False: they must not branch on
-        the table's values, and training forwards do not check either.
+        (then the table has one column of each pair, (N, d)). Eager forwards check the table; tracers, which must
+        not branch on its values, take what the conversion saw (`self.paired`).
 
         They depend on `rope` alone: rebuilding them costs ~15 µs a block at batch 1, so eval forwards keep them
         while `rope` keeps its storage, shape and version. The cache holds `rope`, so its storage cannot be freed
@@ -568,14 +572,11 @@ class PositionalSelector(TokenSelector):
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         turns = torch.stack([eye, -turn(eye).t()], 1).view(2 * d, d)  # row i of turn(eye) is P(e_i): P is turn(eye)ᵀ
         sin, cos = rope.to(x.dtype).chunk(2, -1)  # N - P, d
-        signs = turn(torch.ones_like(sin))
-
-        def partner(t: Tensor) -> Tensor:  # |P|(t): t with P's permutation, without its signs
-            return turn(t) * signs
-
-        sin = partner(sin)
+        sin = turn(sin) * turn(torch.ones_like(sin))  # |P|(sin): sin with P's permutation, without its signs
         table = torch.stack([cos, sin], -1)  # N - P, d, 2
-        paired = key is not None and torch.equal(cos, partner(cos)) and torch.equal(sin, partner(sin))
+        eager = not (isinstance(rope, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                     or torch._C._are_functorch_transforms_active())
+        paired = rotary_pairs(rope, self.qk.rotate_half) if eager else self.paired
         if paired:  # one column of each pair: the sum of both, halved (exact)
             table = self._partners_summed(table, 1) * 0.5
         tables = turns, F.pad(table.flatten(1) * scale, (0, 0, self.num_prefix, 0)), paired
@@ -595,6 +596,17 @@ class PositionalSelector(TokenSelector):
         if bias is not None:
             logits = logits + bias
         return logits.mean(1)
+
+
+def rotary_pairs(rope: Tensor, rotate_half: bool) -> bool:
+    """Whether a rotary table [sin, cos] (…, 2d) turns each pair of partner columns by one angle, as a rotation
+    does (timm's `rot` layout: columns 2i and 2i + 1; `rotate_half`: i and i + d/2)."""
+    from timm.layers.pos_embed_sincos import rope_rotate_half, rot
+
+    turn = rope_rotate_half if rotate_half else rot
+    sin, cos = rope.chunk(2, -1)
+    signs = turn(torch.ones_like(sin))  # turn is a signed permutation: its signs, to compare values only
+    return torch.equal(sin, turn(sin) * signs) and torch.equal(cos, turn(cos) * signs)
 
 
 def token_rows(x: Tensor, index: Tensor) -> Tensor:

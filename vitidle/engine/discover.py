@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import ConversionError, UnsupportedModelError, first_line
-from ..idle import TokenSelector
+from ..idle import TokenSelector, rotary_pairs
 from ..scoring import is_attention, query_key
 
 
@@ -36,6 +36,7 @@ class ViTLayout:
     side: tuple[tuple[str, str], ...] = ()
     pinned: tuple[tuple[str, Any], ...] = ()
     rope_dims: int = 2  # the rank of the rotary table: 2 for one shared by all heads, 3 for one per head
+    rope_paired: bool = False  # whether the rotary table turns partner columns by one angle (`idle.rotary_pairs`)
     inner_bias: bool = False  # each attention computes a logit bias of its own (BEiT, relpos ViTs): traced inline
 
     @property
@@ -303,6 +304,7 @@ def discover(model: nn.Module) -> ViTLayout:
         side=tuple(side.items()),
         pinned=tuple(pinned.items()),
         rope_dims=next((len(side_nodes[a][0].meta["shape"]) for a, kind in side.items() if kind == "rope"), 2),
+        rope_paired=rope_pairs(nodes[0], first, side, qk.rotate_half),
         inner_bias=inner == {True},
     )
 
@@ -382,6 +384,15 @@ def side_kinds(side: dict[str, list[fx.Node]], num_tokens: int, num_prefix: int,
                 f"P = {num_prefix}); vitidle cannot tell how to give it the kept tokens' positions")
         kinds[arg] = "bias" if bias else "rope"
     return kinds
+
+
+def rope_pairs(node: fx.Node, block: nn.Module, side: dict[str, str], rotate_half: bool) -> bool:
+    """Whether the rotary table the model gave the block in the sample forward pairs its columns (`rotary_pairs`)."""
+    rope = next((arg for arg, kind in side.items() if kind == "rope"), None)
+    if rope is None:
+        return False
+    args, kwargs = node.meta["inputs"]
+    return rotary_pairs(inspect.signature(block.forward).bind(*args, **kwargs).arguments[rope], rotate_half)
 
 
 def probe_fewer_tokens(node: fx.Node, block: nn.Module, side: dict[str, str], pinned: dict[str, Any],

@@ -158,7 +158,7 @@ def accept_pinned(gm: fx.GraphModule, pinned: dict[str, Any]) -> None:
 
 def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: int, query: str = "cls",
                side: dict[str, str] | None = None, pinned: dict[str, Any] | None = None,
-               rope_dims: int = 2, inner_bias: bool = False) -> fx.GraphModule:
+               rope_dims: int = 2, inner_bias: bool = False, rope_paired: bool = False) -> fx.GraphModule:
     """Return `block` rewritten to run on the prefix tokens and its top-`num_keep` image tokens only.
 
     `side` names the block's position inputs ("rope" or "bias", `ViTLayout.side`) and `pinned` the
@@ -192,7 +192,7 @@ def idle_block(block: nn.Module, num_keep: int, num_prefix: int, num_patches: in
         positions = {"bias": position_bias(gm, num_prefix + num_patches)}
         hoist(gm, positions["bias"], x)
     if side or pinned or inner_bias or not qk.plain:
-        selector = PositionalSelector(num_keep, num_prefix, num_patches, qk, query, rope_dims)
+        selector = PositionalSelector(num_keep, num_prefix, num_patches, qk, query, rope_dims, rope_paired)
         return _idle_positional(block, gm, x, attn.target, attn_input, selector, positions, pinned)
     selector = TokenSelector(num_keep, num_prefix, num_patches, qk.num_heads, qk.scale, query, qk.q_rows, qk.k_rows)
     gm.add_submodule(SELECTOR, selector.train(block.training))
@@ -236,7 +236,7 @@ def apply_plan(model: nn.Module, layout: ViTLayout, plan: IdlePlan) -> nn.Module
         parent = model.get_submodule(parent_name)
         setattr(parent, child, idle_block(getattr(parent, child), num_keep, layout.num_prefix, layout.num_patches,
                                           layout.query, dict(layout.side), dict(layout.pinned), layout.rope_dims,
-                                          layout.inner_bias))
+                                          layout.inner_bias, layout.rope_paired))
     chain_in_sequential(model, layout)
     return model
 
