@@ -392,7 +392,8 @@ class PositionalSelector(TokenSelector):
 
     Keys are never projected where the table is shared by all heads (timm's Eva): with rotations R_j,
     q · R_j k_j = Σ_c cos_jc (Σ_h q_hc k_jhc) + Σ_c s̃_jc (Σ_h q̃_hc k_jhc), two sums over heads that are
-    linear in the normed token, so all scores cost 2·N·C·d instead of N·C² (d = head dim).
+    linear in the normed token, so all scores cost 2·N·C·d instead of N·C² (d = head dim), and N·C·d where the
+    table turns partner columns by one angle (`rotary_pairs`).
     """
 
     def __init__(self, num_keep: int, num_prefix: int, num_patches: int, qk, query: str = "cls", rope_dims: int = 2,
