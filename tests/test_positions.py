@@ -141,6 +141,20 @@ def test_the_conversion_records_that_timms_rotary_tables_pair_their_columns(key)
     assert all(s.paired for s in model.modules() if isinstance(s, PositionalSelector))
 
 
+@pytest.mark.parametrize("key", ["beit", "beit_shared", "relpos", "eva_registers", "rope_gqa"])
+def test_frozen_selectors_keep_the_same_tokens(key):
+    model = vitidle.convert(dense(key), keep=0.5, schedule="constant").eval()
+    x = images()
+    with torch.no_grad():
+        want = model(x)
+        kept = [s.kept_index for s in model.modules() if isinstance(s, PositionalSelector)]
+        vitidle.freeze(model)  # without rope: one cached W_qᵀ W_k product instead of W_q and W_k
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+    selectors = [s for s in model.modules() if isinstance(s, PositionalSelector)]
+    assert [torch.equal(s.kept_index, k) for s, k in zip(selectors, kept)] == [True] * len(kept)
+    assert all(s._product_cache is not None for s in selectors) == (key != "rope_gqa")  # rope: no product
+
+
 def test_training_with_patch_dropout_and_gradients():
     from timm.layers import PatchDropoutWithIndices
 

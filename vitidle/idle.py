@@ -485,17 +485,20 @@ class PositionalSelector(TokenSelector):
         B, N, C = x_norm.shape
         P, Hk = self.num_prefix, self.qk.num_kv_heads
         scale = self.scale / self.num_heads
-        q = self._queries(x_norm, attn, rope)  # B, H, d
-        if Hk != self.num_heads:
-            q = q.view(B, Hk, -1, q.shape[-1]).sum(2)  # B, Hk, d: heads that share a key head, summed
+        u = self._frozen_query_to_key(x_norm, attn) if rope is None and cached and self.frozen else None
+        if u is None:
+            q = self._queries(x_norm, attn, rope)  # B, H, d
+            if Hk != self.num_heads:
+                q = q.view(B, Hk, -1, q.shape[-1]).sum(2)  # B, Hk, d: heads that share a key head, summed
         x = x_norm[:, P:]
         weights = self._weights(attn, "k")
         shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
-        if weights is not None and shared and rope is not None:  # a table shared by all heads and images
-            scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
-        elif weights is not None and shared:  # q · k = x · (W_kᵀ q) + q · b_k, and q · b_k is the same for every key
-            u = torch.einsum("bhc,hci->bi", q, weights[0].view(Hk, -1, C))  # B, C
+        if u is not None or weights is not None and rope is None:
+            if u is None:  # q · k = x · (W_kᵀ q) + q · b_k, and q · b_k is the same for every key
+                u = torch.einsum("bhc,hci->bi", q, weights[0].view(Hk, -1, C))  # B, C
             scores = torch.bmm(x, u.unsqueeze(2)).squeeze(2) * scale
+        elif weights is not None and shared:  # a rotary table shared by all heads and images
+            scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
         else:  # keys projected: a wrapped projection, or a rotary table per head or per image
             k = self._heads(self._project(x, attn, "k"), Hk)  # B, Hk, N - P, d
             if rope is not None:
@@ -505,6 +508,19 @@ class PositionalSelector(TokenSelector):
             rows = bias[..., :1, P:] if self.query == "cls" else bias[..., P:].mean(-2, keepdim=True)
             scores = scores + rows.mean(-3).reshape(-1, N - P)  # head mean; broadcasts over the batch
         return scores
+
+    def _frozen_query_to_key(self, x_norm: Tensor, attn: nn.Module) -> Tensor | None:
+        """W_kᵀ (W_q x + b_q) (B, C) for the query token x, from the frozen W_qᵀ W_k product as `TokenSelector` scores
+        (one C × C read instead of W_q and W_k); None for grouped key heads or a wrapped projection."""
+        qk = self.qk
+        q_proj, k_proj = attn.get_submodule(qk.q_proj), attn.get_submodule(qk.k_proj)
+        if qk.num_kv_heads != self.num_heads or not (_is_plain_linear(q_proj) and _is_plain_linear(k_proj)):
+            return None
+        q_bias = getattr(attn, qk.q_bias) if qk.q_bias else q_proj.bias
+        product = self._cached_product(q_proj.weight, q_bias, k_proj.weight)
+        if product is None:
+            return None
+        return _times(x_norm[:, 0] if self.query == "cls" else x_norm.mean(1), *product)
 
     def _rotary_scores(self, x: Tensor, q: Tensor, k_weight: Tensor, k_bias: Tensor | None, rope: Tensor,
                        scale: float, cached: bool) -> Tensor:
