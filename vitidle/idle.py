@@ -139,9 +139,8 @@ class TokenSelector(nn.Module):
 
     def _caching(self, tracing: bool) -> bool:
         """Whether this forward may keep and reuse what does not change from image to image: in eval mode;
-        training and tracers recompute it, and torch.func's tensors must not be kept."""
-        return not (self.training or tracing or torch.compiler.is_compiling()
-                    or torch._C._are_functorch_transforms_active())
+        training and tracers recompute it."""
+        return not self.training and _untraced(tracing)
 
     def _scores(self, x_norm: Tensor, q_proj: nn.Module, k_proj: nn.Module, plain: bool, cached: bool,
                 one: bool) -> Tensor:
@@ -240,6 +239,12 @@ class TokenSelector(nn.Module):
         # mean over heads of scale * q_h · k_h == (scale / H) * q · k over all heads' dims
         self.attention_logits = (q @ k.transpose(1, 2)) * (self.scale / self.num_heads)  # B, N, N
         return self.attention_logits[:, 0] if self.query == "cls" else self.attention_logits.mean(1)
+
+
+def _untraced(tracing: bool) -> bool:
+    """A plain eager forward: no tracer (`tracing`: fx or torch.jit), no torch.compile or export, no torch.func
+    transform (whose tensors must not be kept, nor their values read)."""
+    return not (tracing or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -490,17 +495,16 @@ class PositionalSelector(TokenSelector):
             q = self._queries(x_norm, attn, rope)  # B, H, d
             if Hk != self.num_heads:
                 q = q.view(B, Hk, -1, q.shape[-1]).sum(2)  # B, Hk, d: heads that share a key head, summed
-        x = x_norm[:, P:]
-        weights = self._weights(attn, "k")
-        shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
-        if u is not None or weights is not None and rope is None:
-            if u is None:  # q · k = x · (W_kᵀ q) + q · b_k, and q · b_k is the same for every key
+            weights = self._weights(attn, "k")
+            if weights is not None and rope is None:  # q · k = x · (W_kᵀ q) + q · b_k, the same q · b_k for all keys
                 u = torch.einsum("bhc,hci->bi", q, weights[0].view(Hk, -1, C))  # B, C
-            scores = torch.bmm(x, u.unsqueeze(2)).squeeze(2) * scale
+        shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
+        if u is not None:
+            scores = torch.bmm(x_norm[:, P:], u.unsqueeze(2)).squeeze(2) * scale
         elif weights is not None and shared:  # a rotary table shared by all heads and images
             scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
         else:  # keys projected: a wrapped projection, or a rotary table per head or per image
-            k = self._heads(self._project(x, attn, "k"), Hk)  # B, Hk, N - P, d
+            k = self._heads(self._project(x_norm[:, P:], attn, "k"), Hk)  # B, Hk, N - P, d
             if rope is not None:
                 k = self._rotate(k, rope)
             scores = torch.einsum("bhc,bhnc->bn", q, k) * scale
@@ -591,8 +595,7 @@ class PositionalSelector(TokenSelector):
         sin, cos = rope.to(x.dtype).chunk(2, -1)  # N - P, d
         sin = turn(sin) * turn(torch.ones_like(sin))  # |P|(sin): sin with P's permutation, without its signs
         table = torch.stack([cos, sin], -1)  # N - P, d, 2
-        eager = not (isinstance(rope, fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or torch._C._are_functorch_transforms_active())
+        eager = _untraced(isinstance(rope, fx.Proxy) or torch.jit.is_tracing())
         paired = rotary_pairs(rope, self.qk.rotate_half) if eager else self.paired
         if paired:  # one column of each pair: the sum of both, halved (exact)
             table = self._partners_summed(table, 1) * 0.5
