@@ -21,7 +21,7 @@ import torch
 
 import vitidle
 from vitidle.bench import limit_model, time_interleaved
-from vitidle.idle import idle_selectors
+from vitidle.idle import PositionalSelector, idle_selectors
 
 
 def with_fixed_rows(idle: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
@@ -31,7 +31,10 @@ def with_fixed_rows(idle: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
     B, N = x.shape[0], idle.vitidle_config["layout"]["num_tokens"]
     for mine, theirs in zip(idle_selectors(fixed), idle_selectors(idle)):
         index = theirs.kept_index  # B, P + K positions; the blocks take rows of (B * N, C), or positions at B == 1
-        rows = index.flatten() if B == 1 else (index + torch.arange(0, B * N, N).unsqueeze(1)).flatten()
+        if isinstance(mine, PositionalSelector):  # its blocks take the positions, and make the rows themselves
+            rows = index
+        else:
+            rows = index.flatten() if B == 1 else (index + torch.arange(0, B * N, N).unsqueeze(1)).flatten()
         mine.forward = lambda *args, rows=rows: rows
     return fixed
 

@@ -482,23 +482,32 @@ def _rope_selector():
 
 
 @pytest.mark.parametrize("paired", [True, False])
-def test_rotary_scores_are_the_layers_logits(paired):
+@pytest.mark.parametrize("key_bias", [False, True])  # timm initializes biases to zeros; frozen scoring leaves those out
+def test_rotary_scores_are_the_layers_logits(paired, key_bias):
     # timm's tables turn partners c, |P|(c) by one angle (the score sums their rows); a table that does
     # not gets the full product (tracers take the pairing the conversion saw)
     sel, attn, rope, x_norm = _rope_selector()
     if not paired:
         rope += 0.01 * torch.randn_like(rope)
     with torch.no_grad():
+        if key_bias:
+            attn.qkv.bias.normal_()
         want = sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:]
-        for cached in (False, True):
-            torch.testing.assert_close(sel._image_scores(x_norm, attn, rope, None, cached), want)
+        for cached, frozen in ((False, False), (True, False), (True, True)):
+            sel.frozen = frozen
+            scores = sel._token_scores(x_norm, attn, rope, None, cached)
+            torch.testing.assert_close(scores[:, sel.num_prefix:], want)
+            assert (scores[:, :sel.num_prefix] == float("inf")).all()
+            # frozen: the query-independent products are kept, for timm's tables (with the key bias if any)
+            made = sel._product_cache
+            assert (made is not None and made[2][-1].shape[-1] == x_norm.shape[-1] + key_bias) == (frozen and paired)
     assert sel._rotary_cache[2][2] is paired
 
 
 def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table():
     sel, attn, rope, x_norm = _rope_selector()
     with torch.no_grad():
-        sel._image_scores(x_norm, attn, rope, None, True)
+        sel._token_scores(x_norm, attn, rope, None, True)
         rope[:, rope.shape[1] // 2:] *= 0.5  # the cosines
-        torch.testing.assert_close(sel._image_scores(x_norm, attn, rope, None, True),
+        torch.testing.assert_close(sel._token_scores(x_norm, attn, rope, None, True)[:, sel.num_prefix:],
                                    sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
+from typing import Callable, TypeVar
 
 import timm.layers
 import torch
@@ -21,6 +22,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import UsageError
 
+T = TypeVar("T")
 SELECTOR = "selector"  # a rewritten block's TokenSelector, by name
 # norms that act on each token alone (timm's RMS norms are not nn.RMSNorm; SimpleNorm is newer than timm 1.0.9)
 PER_TOKEN_NORMS = tuple(n for n in (nn.LayerNorm, nn.RMSNorm, *(getattr(timm.layers, name, None) for name in (
@@ -189,21 +191,28 @@ class TokenSelector(nn.Module):
 
     def _cached_product(self, q_weight: Tensor, q_bias: Tensor | None,
                         k_weight: Tensor) -> tuple[Tensor, Tensor | None] | None:
-        # Valid while the weights keep their storage and version: in-place updates (optimizer steps,
-        # load_state_dict) bump the version; .to() and `param.data = ...` change the storage. The cache
-        # holds views of the weights it was made from, so their storage cannot be freed and reused.
-        weights = (q_weight, k_weight) if q_bias is None else (q_weight, k_weight, q_bias)
+        return self._cached(
+            "product", (q_weight, k_weight, q_bias),
+            lambda: _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows]))
+
+    def _cached(self, what: str, weights: tuple[Tensor | None, ...], make: Callable[[], T]) -> T | None:
+        """`make()`, kept while the weights it reads keep their storage and version (None where they keep no version).
+
+        In-place updates (optimizer steps, load_state_dict) bump the version; .to() and `param.data = ...` change
+        the storage. The cache holds the weights it was made from, so their storage cannot be freed and reused.
+        """
+        weights = tuple(w for w in weights if w is not None)
         try:
-            key = [(w.data_ptr(), w._version) for w in weights]
+            key = [what] + [(w.data_ptr(), w._version) for w in weights]
         except RuntimeError:  # inference tensors keep no version
             return None
         cache = self._product_cache
         if cache is None or cache[0] != key:
-            device = q_weight.device.type
+            device = weights[0].device.type
             # in the weights' own dtype, also under autocast: a later forward may run without it
             with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
-                product = _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows])
-            cache = self._product_cache = (key, [w.detach() for w in weights], product)
+                made = make()
+            cache = self._product_cache = (key, [w.detach() for w in weights], made)
         return cache[2]
 
     def train(self, mode: bool = True) -> "TokenSelector":
@@ -390,8 +399,8 @@ class PositionalSelector(TokenSelector):
 
     `forward(x_norm, attn, rope, bias)` takes the normed tokens, the attention module, and the position
     inputs the block receives (`rope`: a rotary table of the image tokens, `bias`: a (…, H, N, N) logit
-    bias; either may be None). It returns the kept positions (B, P + K), the prefix tokens first and in
-    order (rotary attention leaves the first P tokens unrotated), then the top-K image tokens. The score
+    bias; either may be None). It returns the kept positions (B, P + K), the prefix tokens first (rotary
+    attention leaves the first P tokens unrotated), then the top-K image tokens. The score
     is the head-mean pre-softmax logit as the layer computes it: rope applied to queries and keys, the
     bias added (docs/method.md).
 
@@ -430,15 +439,17 @@ class PositionalSelector(TokenSelector):
         if self.record_attention:
             logits = self._logits(x_norm, attn, rope, bias)  # B, N, N
             self.attention_logits = logits
-            scores = (logits[:, 0] if self.query == "cls" else logits.mean(1))[:, P:].detach()
+            scores = (logits[:, 0] if self.query == "cls" else logits.mean(1)).detach()
+            scores = scores + self._prefix_bias(x_norm, cached)
         else:
             with torch.no_grad():
-                scores = self._image_scores(x_norm, attn, rope, bias, cached)  # B, N - P
-        num_keep = self.num_keep
+                scores = self._token_scores(x_norm, attn, rope, bias, cached)  # B, N: +inf at the prefix
+        num_kept = P + self.num_keep
         if self.training and not traced:  # token dropout (patch_drop) may leave fewer than K image tokens
-            num_keep = min(num_keep, N - P)
-        top = scores.topk(num_keep, dim=1, sorted=False).indices + P  # B, K
-        index = torch.cat([torch.arange(P, device=top.device).expand(top.shape[0], P), top], 1) if P else top
+            num_kept = min(num_kept, N)
+        # sorted: the prefix (+inf) first, where rotary attention leaves it unrotated (its own order is free:
+        # attention and the gathered bias are the same for any order of the kept tokens)
+        index = scores.topk(num_kept, dim=1, sorted=P > 0).indices  # B, P + K
         if not (traced or torch.compiler.is_exporting()):
             self.__dict__["kept_index"] = index
         return index
@@ -484,33 +495,41 @@ class PositionalSelector(TokenSelector):
         q = self._heads(self._project(x_norm, attn, "q"), H)  # B, H, N, d
         return torch.cat([q[:, :, :P], self._rotate(q[:, :, P:], rope)], 2).mean(2)
 
-    def _image_scores(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None,
+    def _token_scores(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None,
                       cached: bool = False) -> Tensor:
-        """(B, N - P) head-mean logits of the query against each image token's key."""
+        """(B, N) head-mean logits of the query against each token's key, +inf at the P prefix tokens."""
         B, N, C = x_norm.shape
         P, Hk = self.num_prefix, self.qk.num_kv_heads
         scale = self.scale / self.num_heads
-        u = self._frozen_query_to_key(x_norm, attn) if rope is None and cached and self.frozen else None
-        if u is None:
+        prefix = self._prefix_bias(x_norm, cached)
+        shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
+        u = scores = None
+        if cached and self.frozen:
+            if rope is None:
+                u = self._frozen_query_to_key(x_norm, attn)
+            elif shared:
+                scores = self._frozen_rotary_scores(x_norm, attn, rope, scale)
+        if u is None and scores is None:
             q = self._queries(x_norm, attn, rope)  # B, H, d
             if Hk != self.num_heads:
                 q = q.view(B, Hk, -1, q.shape[-1]).sum(2)  # B, Hk, d: heads that share a key head, summed
             weights = self._weights(attn, "k")
             if weights is not None and rope is None:  # q · k = x · (W_kᵀ q) + q · b_k, the same q · b_k for all keys
                 u = torch.einsum("bhc,hci->bi", q, weights[0].view(Hk, -1, C))  # B, C
-        shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
+            elif weights is not None and shared:  # a rotary table shared by all heads and images
+                scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
+            else:  # keys projected: a wrapped projection, or a rotary table per head or per image
+                k = self._heads(self._project(x_norm[:, P:], attn, "k"), Hk)  # B, Hk, N - P, d
+                if rope is not None:
+                    k = self._rotate(k, rope)
+                scores = F.pad(torch.einsum("bhc,bhnc->bn", q, k) * scale, (P, 0))  # B, N
         if u is not None:
-            scores = torch.bmm(x_norm[:, P:], u.unsqueeze(2)).squeeze(2) * scale
-        elif weights is not None and shared:  # a rotary table shared by all heads and images
-            scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
-        else:  # keys projected: a wrapped projection, or a rotary table per head or per image
-            k = self._heads(self._project(x_norm[:, P:], attn, "k"), Hk)  # B, Hk, N - P, d
-            if rope is not None:
-                k = self._rotate(k, rope)
-            scores = torch.einsum("bhc,bhnc->bn", q, k) * scale
+            scores = torch.baddbmm(prefix, (u * scale).unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)
+        else:  # zeros at the prefix
+            scores = scores + prefix
         if bias is not None:
-            rows = bias[..., :1, P:] if self.query == "cls" else bias[..., P:].mean(-2, keepdim=True)
-            scores = scores + rows.mean(-3).reshape(-1, N - P)  # head mean; broadcasts over the batch
+            rows = bias[..., :1, :] if self.query == "cls" else bias.mean(-2, keepdim=True)
+            scores = scores + rows.mean(-3).reshape(-1, N)  # head mean; broadcasts over the batch
         return scores
 
     def _frozen_query_to_key(self, x_norm: Tensor, attn: nn.Module) -> Tensor | None:
@@ -530,8 +549,18 @@ class PositionalSelector(TokenSelector):
                        scale: float, cached: bool) -> Tensor:
         """scale · Σ_h q_h · R_j k_jh for each image token j, from a rotary table shared by all heads, no key projected.
 
-        x holds all tokens, prefix included: the table's rows at the prefix are zeros, and the image tokens'
-        scores are cut from all (onnxruntime would copy x[:, P:], ~25 µs a block at batch 1).
+        x holds all tokens, prefix included (onnxruntime would copy x[:, P:], ~25 µs a block at batch 1): the
+        table's rows at the prefix are zeros, and so are the prefix tokens' scores (B, N).
+        """
+        turns, table, paired = self._rotary_tables(rope, x, q.shape[-1], scale, cached)
+        m, bias = self._pair_rows(q, k_weight, k_bias, turns, paired)
+        y = torch.bmm(x, m.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, m.transpose(1, 2))
+        return (y * table).sum(-1)  # B, N
+
+    def _pair_rows(self, q: Tensor, k_weight: Tensor, k_bias: Tensor | None, turns: Tensor,
+                   paired: bool) -> tuple[Tensor, Tensor | None]:
+        """For queries q (B, Hk, d): the rows m (B, 2d, C) and biases (B, 2d) with x_j · m_ct + bias_ct the terms of
+        q · R_j k_j, in the order of `_rotary_tables`' columns (d / 2 rows of each where `paired`).
 
         R_j k = k ⊙ cos_j + P(k) ⊙ sin_j, P a fixed signed permutation with Pᵀ = −P, so
         q · R_j k = (q ⊙ cos_j) · k − (P(q) ⊙ |P|(sin_j)) · k, and each sum over heads is linear in x_j:
@@ -540,24 +569,87 @@ class PositionalSelector(TokenSelector):
         the terms of partners share their factors, their rows are summed and the product x_j · m costs half.
         """
         B, Hk, d = q.shape
-        C = x.shape[-1]
-        turns, table, paired = self._rotary_tables(rope, x, d, scale, cached)
+        C = k_weight.shape[-1]
         q2 = (turns @ q.transpose(1, 2)).view(B, d, 2, Hk)  # B, (c, t), Hk
         # the rows m_ct as d products (2B, Hk) @ (Hk, C), one per c: a few µs, where torch lowers the
         # einsum "bhct,hci->bcti" to a loop of selects and copies (~180 µs at batch 1, ~550 µs at 16)
         m = torch.bmm(q2.transpose(0, 1).reshape(d, 2 * B, Hk), k_weight.view(Hk, d, C).transpose(0, 1))
+        bias = None
         if k_bias is not None:  # q2 · b_k for each (c, t), the same for every token
             bias = (q2 * k_bias.view(Hk, d).t().unsqueeze(1)).sum(-1)  # B, d, 2
         if paired:
             m = self._partners_summed(m, 0)
-            bias = None if k_bias is None else self._partners_summed(bias, 1)
+            bias = None if bias is None else self._partners_summed(bias, 1)
             d //= 2
         m = m.view(d, B, 2, C).transpose(0, 1).reshape(B, 2 * d, C)  # a view at batch 1
-        if k_bias is None:
-            y = torch.bmm(x, m.transpose(1, 2))  # B, N, 2d
+        return m, None if bias is None else bias.reshape(B, 2 * d)
+
+    def _frozen_rotary_scores(self, x_norm: Tensor, attn: nn.Module, rope: Tensor, scale: float) -> Tensor | None:
+        """`_rotary_scores`, frozen: what does not depend on the image made once (`_pair_weights`), so the class
+        query comes out in pair order from W_q's rows in that order and the rows m are one bmm over the pairs:
+        ~20 ops fewer a block, a third of the selector's time at batch 1. None where it does not apply: a wrapped
+        projection, grouped key heads, or a table that does not pair its columns."""
+        qk = self.qk
+        q_proj, k_proj = attn.get_submodule(qk.q_proj), attn.get_submodule(qk.k_proj)
+        if qk.num_kv_heads != self.num_heads or not (_is_plain_linear(q_proj) and _is_plain_linear(k_proj)):
+            return None
+        B, N, C = x_norm.shape
+        H = self.num_heads
+        d = rope.shape[-1] // 2  # the table holds [sin, cos]
+        turns, table, paired = self._rotary_tables(rope, x_norm, d, scale, True)
+        if not paired:
+            return None
+        # keyed on the tensors the layer reads (slicing the rows out of a fused qkv costs ~10 µs a block)
+        sources = (k_proj.weight, k_proj.bias, q_proj.weight, q_proj.bias,
+                   *(getattr(attn, name) for name in (qk.q_bias, qk.k_bias) if name))
+        made = self._cached("rotary", sources, lambda: self._pair_weights(attn, turns))
+        if made is None:
+            return None
+        order, twice, signs, q_weight, q_bias, keys = made
+        if q_weight is None:  # the mean of the rotated queries
+            query = self._queries(x_norm, attn, rope).flatten(1).index_select(1, order)
         else:
-            y = torch.baddbmm(bias.view(B, 1, 2 * d), x, m.transpose(1, 2))
-        return (y * table).sum(-1)[:, self.num_prefix:]
+            query = torch.addmm(q_bias, x_norm[:, 0], q_weight)  # B, A: (pair, member, head)
+        q2 = (query.index_select(1, twice) * signs).view(B, d // 2, 2, 2 * H)  # `_pair_rows`' q2: [q, −P(q)]
+        q2 = q2.view(d // 2, 2, 2 * H) if B == 1 else q2.transpose(0, 1).reshape(d // 2, 2 * B, 2 * H)
+        m = torch.bmm(q2, keys)  # d / 2, 2B, C (+ 1: the key bias)
+        m = m.view(1, d, -1) if B == 1 else m.view(d // 2, B, 2, -1).transpose(0, 1).reshape(B, d, -1)
+        if m.shape[-1] == C:
+            y = torch.bmm(x_norm, m.transpose(1, 2))  # B, N, d
+        else:
+            y = torch.baddbmm(m[..., C].unsqueeze(1), x_norm, m[..., :C].transpose(1, 2))
+        return (y * table).sum(-1)
+
+    def _pair_weights(self, attn: nn.Module,
+                      turns: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor] | None:
+        """What `_frozen_rotary_scores` reads, for the d / 2 pairs of partner columns c, |P|(c):
+        - `order`: the A query features in pair order (pair, member, head), and W_q's rows in that order,
+          transposed, with b_q's (None for the mean query);
+        - `twice` and `signs` (2A): [q, −P(q)] of each pair = q[twice] * signs, in the order (pair, t, member, head);
+        - `keys` (d / 2, 2H, C + 1): the key rows W_hc of each pair's members, with the key bias b_hc as a last
+          column, left out where it is zero (timm's Eva keeps a zero key bias).
+        None where the pairs are not P's (then the general path scores)."""
+        k_weight, k_bias = self._weights(attn, "k")
+        (A, C), H = k_weight.shape, self.num_heads
+        d = A // H
+        members = self._partners_summed(torch.eye(d), 0).nonzero()[:, 1].view(d // 2, 2)  # the columns of each pair
+        swap = turns.view(d, 2, d)[:, 1].cpu()  # −P: row c holds ± 1 at c's partner
+        signs = swap[members, members.flip(1)]  # d / 2, 2: each member's factor on its partner's query
+        if not torch.equal(signs.abs(), torch.ones_like(signs)):
+            return None
+        order = (members.unsqueeze(2) + d * torch.arange(H)).flatten()  # pair, member, head
+        within = torch.arange(A).view(d // 2, 1, 2, H)  # positions in `order`: t = 0 as it is, t = 1 members swapped
+        twice = torch.cat([within, within.flip(2)], 1).flatten()
+        signs = torch.cat([torch.ones(d // 2, 2), signs], 1).repeat_interleave(H, 1).flatten()
+        keys = k_weight if k_bias is None or not k_bias.any() else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
+        device = k_weight.device
+        order, twice = order.to(device), twice.to(device)
+        made = order, twice, signs.to(k_weight), None, None, keys[order].view(d // 2, 2 * H, -1)
+        if self.query != "cls":
+            return made
+        q_weight, q_bias = self._weights(attn, "q")
+        q_bias = q_weight.new_zeros(A) if q_bias is None else q_bias
+        return *made[:3], q_weight[order].t().contiguous(), q_bias[order], made[5]
 
     def _partners_summed(self, t: Tensor, dim: int) -> Tensor:
         """t with each pair of partners c, |P|(c) along `dim` (of size d) summed: size d / 2, in the order of `_rotary_tables`."""
