@@ -193,6 +193,19 @@ def test_save_load_and_the_dense_class_reads_the_weights(tmp_path, name):
         assert torch.equal(first(again(x)), first(dense(x)))
 
 
+def test_a_timm_model_saved_over_an_hf_model_takes_its_hf_config_away(tmp_path):
+    folder = tmp_path / "m"
+    vitidle.save(vitidle.convert(dense_model("vit"), keep=0.7), folder)
+    (folder / "notes.txt").write_text("mine")
+    timm_model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    vitidle.save(vitidle.convert(timm_model, keep=0.7), folder, force=True)
+    # the old config.json would make the dense HF class read the timm weights as an HF ViT
+    assert sorted(p.name for p in folder.iterdir()) == ["model.safetensors", "notes.txt", "vitidle.json"]
+    assert type(vitidle.load(folder)) is type(timm_model)
+    vitidle.save(vitidle.convert(dense_model("vit"), keep=0.7), folder, force=True)  # and back: written again
+    assert (folder / "config.json").is_file() and isinstance(vitidle.load(folder), type(dense_model("vit")))
+
+
 def twin(name: str):
     """A timm ViT and the HF model holding the same weights (keys mapped here)."""
     torch.manual_seed(0)

@@ -483,24 +483,28 @@ def _rope_selector():
 
 @pytest.mark.parametrize("paired", [True, False])
 @pytest.mark.parametrize("key_bias", [False, True])  # timm initializes biases to zeros; frozen scoring leaves those out
-def test_rotary_scores_are_the_layers_logits(paired, key_bias):
+@pytest.mark.parametrize("query", ["cls", "mean"])
+def test_rotary_scores_are_the_layers_logits(paired, key_bias, query):
     # timm's tables turn partners c, |P|(c) by one angle (the score sums their rows); a table that does
     # not gets the full product (tracers take the pairing the conversion saw)
     sel, attn, rope, x_norm = _rope_selector()
+    sel.query = query
     if not paired:
         rope += 0.01 * torch.randn_like(rope)
     with torch.no_grad():
         if key_bias:
             attn.qkv.bias.normal_()
-        want = sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:]
-        for cached, frozen in ((False, False), (True, False), (True, True)):
-            sel.frozen = frozen
-            scores = sel._token_scores(x_norm, attn, rope, None, cached)
-            torch.testing.assert_close(scores[:, sel.num_prefix:], want)
-            assert (scores[:, :sel.num_prefix] == float("inf")).all()
-            # frozen: the query-independent products are kept, for timm's tables (with the key bias if any)
-            made = sel._product_cache
-            assert (made is not None and made[2][-1].shape[-1] == x_norm.shape[-1] + key_bias) == (frozen and paired)
+        for x in (x_norm, x_norm[:1]):  # batch 1 takes views where a batch copies
+            logits = sel._logits(x, attn, rope, None)
+            want = (logits[:, 0] if query == "cls" else logits.mean(1))[:, sel.num_prefix:]
+            for cached, frozen in ((False, False), (True, False), (True, True)):
+                sel.frozen, sel._product_cache = frozen, None
+                scores = sel._token_scores(x, attn, rope, None, cached)
+                torch.testing.assert_close(scores[:, sel.num_prefix:], want)
+                assert (scores[:, :sel.num_prefix] == float("inf")).all()
+                # frozen: what does not depend on the image is kept, for timm's tables (the key bias if not zero)
+                made = sel._product_cache
+                assert (made is not None and made[2][-1].shape[-1] == x.shape[-1] + key_bias) == (frozen and paired)
     assert sel._rotary_cache[2][2] is paired
 
 

@@ -92,11 +92,18 @@ def write_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict
 
 
 def replace_model_files(folder: Path, state: dict[str, torch.Tensor], config: dict) -> None:
-    """Replace the model files of an existing folder, each by a rename; the weights first, the config last."""
+    """Replace the model files of an existing folder, each by a rename; the weights first, the config last.
+    A file the old model's save wrote that the new one does not (an HF `config.json`, under a timm model) is
+    removed last, so the dense HF class cannot read the new weights as the old model's."""
+    stale: set[str] = set()
+    with contextlib.suppress(CheckpointError):  # an empty folder, or a config a crash left unreadable
+        stale = set(model_files(read_config(folder))) - set(model_files(config))
     written = write_model_files(folder, state, config, prefix=f".{uuid.uuid4().hex[:8]}.")
     try:
         for path, name in zip(written, model_files(config), strict=True):
             os.replace(path, folder / name)
+        for name in stale:
+            (folder / name).unlink(missing_ok=True)
         fsync(folder)
     finally:
         for path in written:
