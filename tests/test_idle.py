@@ -501,11 +501,20 @@ def test_rotary_scores_are_the_layers_logits(paired, key_bias, query):
                 sel.frozen, sel._product_cache = frozen, None
                 scores = sel._token_scores(x, attn, rope, None, cached)
                 torch.testing.assert_close(scores[:, sel.num_prefix:], want)
-                assert (scores[:, :sel.num_prefix] == float("inf")).all()
                 # frozen: what does not depend on the image is kept, for timm's tables (the key bias if not zero)
                 made = sel._product_cache
                 assert (made is not None and made[2][-1].shape[-1] == x.shape[-1] + key_bias) == (frozen and paired)
     assert sel._rotary_cache[2][2] is paired
+
+
+def test_frozen_rotary_scores_follow_a_change_of_the_query():
+    sel, attn, rope, x_norm = _rope_selector()
+    sel.frozen = True
+    with torch.no_grad():
+        logits = sel._logits(x_norm, attn, rope, None)[..., sel.num_prefix:]
+        for query, want in (("cls", logits[:, 0]), ("mean", logits.mean(1)), ("cls", logits[:, 0])):
+            sel.query = query  # what the frozen path keeps differs by query: kept apart
+            torch.testing.assert_close(sel._token_scores(x_norm, attn, rope, None, True)[:, sel.num_prefix:], want)
 
 
 def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table():

@@ -158,6 +158,26 @@ def test_frozen_selectors_keep_the_same_tokens(key):
     assert all(s._product_cache is not None for s in selectors) == (key != "rope_gqa")  # grouped key heads: none
 
 
+@pytest.mark.parametrize("key", ["rope", "dinov3", "beit"])  # dinov3: a class token and 4 registers
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_nan_token_in_one_image_leaves_the_others_alone(key, frozen):
+    # top-k ranks NaN above +inf: a NaN score must not take the prefix's place (rope would rotate it)
+    model = vitidle.freeze(vitidle.convert(dense(key), keep=0.5, schedule="constant").eval(), frozen)
+    seen = block_inputs(model)
+    x = images(2)
+    with torch.no_grad():
+        model(x)
+        i = next(i for i, b in enumerate(model.blocks) if hasattr(b, "selector"))
+        tokens, kwargs = seen[i]
+        alone = model.blocks[i](tokens[:1].clone(), **kwargs)
+        tokens = tokens.clone()
+        tokens[1, -1] = float("nan")
+        out = model.blocks[i](tokens, **kwargs)
+    P = model.vitidle_config["layout"]["num_prefix"]
+    assert torch.equal(model.blocks[i].selector.kept_index[:, :P].sort(1).values, torch.arange(P).expand(2, P))
+    torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_training_with_patch_dropout_and_gradients():
     from timm.layers import PatchDropoutWithIndices
 

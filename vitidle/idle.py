@@ -440,15 +440,17 @@ class PositionalSelector(TokenSelector):
             logits = self._logits(x_norm, attn, rope, bias)  # B, N, N
             self.attention_logits = logits
             scores = (logits[:, 0] if self.query == "cls" else logits.mean(1)).detach()
-            scores = scores + self._prefix_bias(x_norm, cached)
         else:
             with torch.no_grad():
-                scores = self._token_scores(x_norm, attn, rope, bias, cached)  # B, N: +inf at the prefix
+                scores = self._token_scores(x_norm, attn, rope, bias, cached)  # B, N
+        # +inf at the prefix (or NaN: -inf there + inf), below +inf elsewhere: top-k ranks NaN above +inf, and a
+        # NaN or +inf token of one image must not take its prefix's place. Sorted, the prefix comes first, where
+        # rotary attention leaves it unrotated (its own order is free: attention and the gathered positions do
+        # not depend on the kept tokens' order).
+        scores = torch.nan_to_num(scores, nan=float("-inf")) + self._prefix_bias(x_norm, cached)
         num_kept = P + self.num_keep
         if self.training and not traced:  # token dropout (patch_drop) may leave fewer than K image tokens
             num_kept = min(num_kept, N)
-        # sorted: the prefix (+inf) first, where rotary attention leaves it unrotated (its own order is free:
-        # attention and the gathered bias are the same for any order of the kept tokens)
         index = scores.topk(num_kept, dim=1, sorted=P > 0).indices  # B, P + K
         if not (traced or torch.compiler.is_exporting()):
             self.__dict__["kept_index"] = index
@@ -497,11 +499,10 @@ class PositionalSelector(TokenSelector):
 
     def _token_scores(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None,
                       cached: bool = False) -> Tensor:
-        """(B, N) head-mean logits of the query against each token's key, +inf at the P prefix tokens."""
+        """(B, N) head-mean logits of the query against each token's key (any value at the P prefix tokens)."""
         B, N, C = x_norm.shape
         P, Hk = self.num_prefix, self.qk.num_kv_heads
         scale = self.scale / self.num_heads
-        prefix = self._prefix_bias(x_norm, cached)
         shared = rope is None or (self.rope_dims if isinstance(rope, fx.Proxy) else rope.dim()) == 2
         u = scores = None
         if cached and self.frozen:
@@ -524,9 +525,7 @@ class PositionalSelector(TokenSelector):
                     k = self._rotate(k, rope)
                 scores = F.pad(torch.einsum("bhc,bhnc->bn", q, k) * scale, (P, 0))  # B, N
         if u is not None:
-            scores = torch.baddbmm(prefix, (u * scale).unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)
-        else:  # zeros at the prefix
-            scores = scores + prefix
+            scores = torch.bmm((u * scale).unsqueeze(1), x_norm.transpose(1, 2)).squeeze(1)
         if bias is not None:
             rows = bias[..., :1, :] if self.query == "cls" else bias.mean(-2, keepdim=True)
             scores = scores + rows.mean(-3).reshape(-1, N)  # head mean; broadcasts over the batch
@@ -602,7 +601,7 @@ class PositionalSelector(TokenSelector):
         # keyed on the tensors the layer reads (slicing the rows out of a fused qkv costs ~10 µs a block)
         sources = (k_proj.weight, k_proj.bias, q_proj.weight, q_proj.bias,
                    *(getattr(attn, name) for name in (qk.q_bias, qk.k_bias) if name))
-        made = self._cached("rotary", sources, lambda: self._pair_weights(attn, turns))
+        made = self._cached(f"rotary {self.query}", sources, lambda: self._pair_weights(attn, turns))
         if made is None:
             return None
         order, twice, signs, q_weight, q_bias, keys = made

@@ -35,7 +35,8 @@ def save(model: nn.Module, folder: str | os.PathLike, *, force: bool = False) ->
     half-written model. An existing folder is written only with `force=True`, and only if it is a
     model folder or empty: each of the two files is written to a temporary file in it, synced, and
     renamed over the old one. Nothing else in the folder is touched (an exported model.onnx, a run's
-    checkpoints, notes). The two files carry one save id, so `load` can tell a pair that an
+    checkpoints, notes), but for the HF `config.json` an HF model's save wrote, which a timm model's
+    save takes away. The two files carry one save id, so `load` can tell a pair that an
     interrupted save mixed. A link to a folder writes where it points. The saved plan holds each
     block's current `selector.num_keep`. A model wrapped by torch.compile, DDP or DataParallel is saved
     as the model inside.
@@ -96,7 +97,7 @@ def replace_model_files(folder: Path, state: dict[str, torch.Tensor], config: di
     A file the old model's save wrote that the new one does not (an HF `config.json`, under a timm model) is
     removed last, so the dense HF class cannot read the new weights as the old model's."""
     stale: set[str] = set()
-    with contextlib.suppress(CheckpointError):  # an empty folder, or a config a crash left unreadable
+    with contextlib.suppress(CheckpointError, OSError):  # an empty folder, or a config one cannot read
         stale = set(model_files(read_config(folder))) - set(model_files(config))
     written = write_model_files(folder, state, config, prefix=f".{uuid.uuid4().hex[:8]}.")
     try:
