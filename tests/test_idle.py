@@ -517,6 +517,41 @@ def test_frozen_rotary_scores_follow_a_change_of_the_query():
             torch.testing.assert_close(sel._token_scores(x_norm, attn, rope, None, True)[:, sel.num_prefix:], want)
 
 
+@pytest.mark.parametrize("rotate_half", [False, True])
+def test_rotary_pair_layout_is_timms_rotation(rotate_half):
+    from timm.layers.pos_embed_sincos import rope_rotate_half, rot
+
+    from vitidle.idle import rotary_pair_layout
+
+    d, heads = 8, 3
+    q = torch.randn(heads, d)
+    minus_p = -(rope_rotate_half if rotate_half else rot)(q)  # −P(q), as timm turns the keys
+    order, twice, signs = (torch.tensor(t) for t in rotary_pair_layout(d, heads, rotate_half))
+    q2 = (q.flatten()[twice] * signs).view(d // 2, 2, 2, heads)  # pair, t, member, head
+    members = (order.view(d // 2, 2, heads) % d)[..., 0]  # each pair's two columns
+    assert sorted(members.flatten().tolist()) == list(range(d))
+    for pair, (a, b) in enumerate(members.tolist()):
+        assert torch.equal(q2[pair, 0], torch.stack([q[:, a], q[:, b]]))
+        assert torch.equal(q2[pair, 1], torch.stack([minus_p[:, a], minus_p[:, b]]))
+
+
+@pytest.mark.parametrize("key_bias", [False, True])
+def test_exported_graphs_form_the_same_rotary_rows(key_bias):
+    # exported graphs gather each pair's key rows from the weights (onnxruntime folds them) instead of
+    # summing partners: the same rows m and biases, in the same order
+    sel, attn, rope, x_norm = _rope_selector()
+    with torch.no_grad():
+        if key_bias:
+            attn.qkv.bias.normal_()
+        q = sel._queries(x_norm, attn, rope)  # B, H, d
+        k_weight, k_bias = sel._weights(attn, "k")
+        turns = sel._rotary_tables(rope, x_norm, q.shape[-1], 1.0, False)[0]
+        m, bias = sel._traced_pair_rows(q, k_weight, k_bias)
+        want_m, want_bias = sel._pair_rows(q, k_weight, k_bias, turns, True)
+        torch.testing.assert_close(m, want_m)
+        torch.testing.assert_close(bias, want_bias)
+
+
 def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table():
     sel, attn, rope, x_norm = _rope_selector()
     with torch.no_grad():
