@@ -627,7 +627,7 @@ class PositionalSelector(TokenSelector):
         B, N, C = x_norm.shape
         H = self.num_heads
         d = rope.shape[-1] // 2  # the table holds [sin, cos]
-        turns, table, paired = self._rotary_tables(rope, x_norm, d, scale, True)
+        _, table, paired = self._rotary_tables(rope, x_norm, d, scale, True)
         if not paired:
             return None
         # keyed on the tensors the layer reads (slicing the rows out of a fused qkv costs ~10 µs a block)
