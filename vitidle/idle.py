@@ -570,23 +570,17 @@ class PositionalSelector(TokenSelector):
             m, bias = self._traced_pair_rows(q, k_weight, k_bias)
         else:
             m, bias = self._pair_rows(q, k_weight, k_bias, turns, paired)
-        y = torch.bmm(x, m.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, m.transpose(1, 2))
-        return (y * table).sum(-1)  # B, N
+        return _table_sum(x, m, bias, table)
 
     def _traced_pair_rows(self, q: Tensor, k_weight: Tensor, k_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """`_pair_rows` of a paired table, for exported and traced graphs: the key rows (and bias) of each pair's
         members gathered from the weights, which onnxruntime folds into a constant, so per image it is one
         gather of q, one product over the pairs and no partner sum (~15 nodes fewer a block)."""
         B, Hk, d = q.shape
-        C = k_weight.shape[-1]
         order, twice, signs = (torch.tensor(t, device=q.device) for t in rotary_pair_layout(d, Hk, self.qk.rotate_half))
-        keys = k_weight.index_select(0, order).view(d // 2, 2 * Hk, C)
-        if k_bias is not None:  # the key bias as a last column of the rows
-            keys = torch.cat([keys, k_bias.index_select(0, order).view(d // 2, 2 * Hk, 1)], 2)
-        q2 = q.reshape(B, Hk * d).index_select(1, twice) * signs.to(q.dtype)  # B, (pair, t, member, head)
-        m = torch.bmm(q2.view(B, d // 2, 2, 2 * Hk).transpose(0, 1).reshape(d // 2, 2 * B, 2 * Hk), keys)
-        m = m.view(d // 2, B, 2, -1).transpose(0, 1).reshape(B, d, -1)  # B, (pair, t), C (+ 1)
-        return (m, None) if k_bias is None else (m[..., :C], m[..., C])
+        keys = k_weight if k_bias is None else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
+        q2 = q.reshape(B, Hk * d).index_select(1, twice) * signs.to(q.dtype)
+        return _pair_sums(q2, keys.index_select(0, order).view(d // 2, 2 * Hk, -1), k_weight.shape[-1])
 
     def _pair_rows(self, q: Tensor, k_weight: Tensor, k_bias: Tensor | None, turns: Tensor,
                    paired: bool) -> tuple[Tensor, Tensor | None]:
@@ -624,8 +618,6 @@ class PositionalSelector(TokenSelector):
         q_proj, k_proj = attn.get_submodule(qk.q_proj), attn.get_submodule(qk.k_proj)
         if qk.num_kv_heads != self.num_heads or not (_is_plain_linear(q_proj) and _is_plain_linear(k_proj)):
             return None
-        B, N, C = x_norm.shape
-        H = self.num_heads
         d = rope.shape[-1] // 2  # the table holds [sin, cos]
         _, table, paired = self._rotary_tables(rope, x_norm, d, scale, True)
         if not paired:
@@ -641,15 +633,7 @@ class PositionalSelector(TokenSelector):
             query = self._queries(x_norm, attn, rope).flatten(1).index_select(1, order)
         else:
             query = torch.addmm(q_bias, x_norm[:, 0], q_weight)  # B, A: (pair, member, head)
-        q2 = (query.index_select(1, twice) * signs).view(B, d // 2, 2, 2 * H)  # `_pair_rows`' q2: [q, −P(q)]
-        q2 = q2.view(d // 2, 2, 2 * H) if B == 1 else q2.transpose(0, 1).reshape(d // 2, 2 * B, 2 * H)
-        m = torch.bmm(q2, keys)  # d / 2, 2B, C (+ 1: the key bias)
-        m = m.view(1, d, -1) if B == 1 else m.view(d // 2, B, 2, -1).transpose(0, 1).reshape(B, d, -1)
-        if m.shape[-1] == C:
-            y = torch.bmm(x_norm, m.transpose(1, 2))  # B, N, d
-        else:
-            y = torch.baddbmm(m[..., C].unsqueeze(1), x_norm, m[..., :C].transpose(1, 2))
-        return (y * table).sum(-1)
+        return _table_sum(x_norm, *_pair_sums(query.index_select(1, twice) * signs, keys, x_norm.shape[-1]), table)
 
     def _pair_weights(self, attn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
         """What `_frozen_rotary_scores` reads, for the d / 2 pairs of partner columns c, |P|(c):
@@ -731,6 +715,26 @@ class PositionalSelector(TokenSelector):
         if bias is not None:
             logits = logits + bias
         return logits.mean(1)
+
+
+def _pair_sums(q2: Tensor, keys: Tensor, C: int) -> tuple[Tensor, Tensor | None]:
+    """`_pair_rows`' rows m (B, d, C) and biases (B, d) from its q2 = [q, −P(q)] (B, 2A) in the order (pair, t,
+    member, head) and each pair's key rows `keys` (d / 2, 2Hk, C, or C + 1 with the key bias last): one product
+    over the pairs sums both members and all heads, so no partner sum follows."""
+    pairs, B = keys.shape[0], q2.shape[0]
+    q2 = q2.view(B, pairs, 2, -1)
+    if _one_image(q2):  # views
+        m = torch.bmm(q2[0], keys).view(1, 2 * pairs, -1)
+    else:
+        m = torch.bmm(q2.transpose(0, 1).reshape(pairs, 2 * B, -1), keys)
+        m = m.view(pairs, B, 2, -1).transpose(0, 1).reshape(B, 2 * pairs, -1)
+    return (m, None) if m.shape[-1] == C else (m[..., :C], m[..., C])
+
+
+def _table_sum(x: Tensor, m: Tensor, bias: Tensor | None, table: Tensor) -> Tensor:
+    """Σ_k table_jk (x_j · m_k + bias_k) for each token j (B, N): the rotary score from `_pair_rows`' terms."""
+    y = torch.bmm(x, m.transpose(1, 2)) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, m.transpose(1, 2))
+    return (y * table).sum(-1)
 
 
 @functools.lru_cache(maxsize=None)
