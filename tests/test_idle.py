@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny
 from reference import class_attention_scores, kept_positions
 from torch import nn
@@ -501,10 +502,11 @@ def test_rotary_scores_are_the_layers_logits(paired, key_bias, query):
                 sel.frozen, sel._product_cache = frozen, None
                 scores = sel._token_scores(x, attn, rope, None, cached)
                 torch.testing.assert_close(scores[:, sel.num_prefix:], want)
+                if cached and not frozen:
+                    assert sel._rotary_cache[-1].paired is paired
                 # frozen: what does not depend on the image is kept, for timm's tables (the key bias if not zero)
                 made = sel._product_cache
-                assert (made is not None and made[2][-1].shape[-1] == x.shape[-1] + key_bias) == (frozen and paired)
-    assert sel._rotary_cache[2][2] is paired
+                assert (made is not None and made[2] is not None and made[2].keys.shape[-1] == x.shape[-1] + key_bias) == (frozen and paired)
 
 
 def test_frozen_rotary_scores_follow_a_change_of_the_query():
@@ -515,6 +517,22 @@ def test_frozen_rotary_scores_follow_a_change_of_the_query():
         for query, want in (("cls", logits[:, 0]), ("mean", logits.mean(1)), ("cls", logits[:, 0])):
             sel.query = query  # what the frozen path keeps differs by query: kept apart
             torch.testing.assert_close(sel._token_scores(x_norm, attn, rope, None, True)[:, sel.num_prefix:], want)
+
+
+@pytest.mark.parametrize("name, grid", [("vit_small_patch16_rope_224", (4, 6)), ("vit_small_patch16_dinov3", (3, 5))])
+def test_shared_angles_factor_an_axial_table_exactly(name, grid):
+    from vitidle.idle import shared_angles
+
+    model = converted(name, img_size=(8 * grid[0], 8 * grid[1]), patch_size=8, embed_dim=64, num_heads=2)
+    sel = model.blocks[-1].selector
+    x = torch.randn(1, sel.num_prefix + grid[0] * grid[1], 64)
+    _, table, paired, _ = sel._rotary_tables(model.rope.get_embed(shape=list(grid)), x, 32, 1.0, False)
+    mix, E = shared_angles(table, sel.num_prefix)
+    # each pair turns by the token's column or its row: one class per column and per row, for all pairs together
+    assert paired and E.shape[1] == sum(grid) < table.shape[1]
+    assert torch.equal(E @ mix, table)  # exact: one product by 1 per entry
+    assert torch.equal(E.sum(1), torch.tensor([0.0] * sel.num_prefix + [2.0] * (grid[0] * grid[1])))
+    assert shared_angles(torch.rand(1 + 40, 16), 1)[0] is None  # every token its own angles: 40 rows, not 8
 
 
 @pytest.mark.parametrize("rotate_half", [False, True])
@@ -552,10 +570,25 @@ def test_exported_graphs_form_the_same_rotary_rows(key_bias):
         torch.testing.assert_close(bias, want_bias)
 
 
-def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_rotary_tables_follow_an_in_place_change_of_the_rotary_table(frozen):
     sel, attn, rope, x_norm = _rope_selector()
+    sel.frozen = frozen
     with torch.no_grad():
         sel._token_scores(x_norm, attn, rope, None, True)
         rope[:, rope.shape[1] // 2:] *= 0.5  # the cosines
         torch.testing.assert_close(sel._token_scores(x_norm, attn, rope, None, True)[:, sel.num_prefix:],
                                    sel._logits(x_norm, attn, rope, None)[:, 0, sel.num_prefix:])
+
+
+def test_rotary_tables_are_kept_for_a_new_table_with_the_same_values():
+    # DINOv3 makes its table anew at every forward: one comparison instead of rebuilding (and factoring) them
+    sel, attn, rope, x_norm = _rope_selector()
+    with torch.no_grad():
+        kept = sel._rotary_tables(rope, x_norm, 32, 1.0, True)
+        assert kept.mix is not None  # a 4 x 4 grid: 4 angles a pair (by column or by row), 8 rows for 32 columns
+        assert sel._rotary_tables(rope.clone(), x_norm, 32, 1.0, True) is kept
+        other = rope.clone()
+        other[0, 0] += 1
+        assert sel._rotary_tables(other, x_norm, 32, 1.0, True) is not kept
+        assert sel._rotary_tables(rope, x_norm, 32, 1.0, False) is not kept  # training and tracers rebuild them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import nullcontext
-from typing import Callable, TypeVar
+from typing import Callable, NamedTuple, TypeVar
 
 import timm.layers
 import torch
@@ -195,7 +195,7 @@ class TokenSelector(nn.Module):
             "product", (q_weight, k_weight, q_bias),
             lambda: _product(q_weight[self.q_rows], _rows(q_bias, self.q_rows), k_weight[self.k_rows]))
 
-    def _cached(self, what: str, weights: tuple[Tensor | None, ...], make: Callable[[], T]) -> T | None:
+    def _cached(self, what: object, weights: tuple[Tensor | None, ...], make: Callable[[], T]) -> T | None:
         """`make()`, kept while the weights it reads keep their storage and version (None where they keep no version).
 
         In-place updates (optimizer steps, load_state_dict) bump the version; .to() and `param.data = ...` change
@@ -254,6 +254,13 @@ def _untraced(tracing: bool) -> bool:
     """A plain eager forward: no tracer (`tracing`: fx or torch.jit), no torch.compile or export, no torch.func
     transform (whose tensors must not be kept, nor their values read)."""
     return not (tracing or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+
+
+def _submodule(module: nn.Module, path: str) -> nn.Module:
+    """module.get_submodule(path), without its checks: ~1.5 µs less, twice a selector call."""
+    for name in path.split("."):
+        module = module._modules[name]
+    return module
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -419,7 +426,7 @@ class PositionalSelector(TokenSelector):
         self.rope_dims = rope_dims
         self.paired = paired
         self._rotary_cache: tuple | None = None
-        self._bounds_cache: Tensor | None = None
+        self._bounds_cache: tuple[Tensor, Tensor] | None = None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", positions=True"
@@ -431,15 +438,15 @@ class PositionalSelector(TokenSelector):
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_rotary_cache": None, "_bounds_cache": None}
 
-    def _prefix_bounds(self, x_norm: Tensor, cached: bool) -> Tensor:
-        """(2, N): the bound a score must stay under to count (−inf at the prefix, +inf elsewhere), and what
+    def _prefix_bounds(self, x_norm: Tensor, cached: bool) -> tuple[Tensor, Tensor]:
+        """(N,) each: the bound a score must stay under to count (−inf at the prefix, +inf elsewhere), and what
         takes its place (+inf at the prefix, −inf elsewhere)."""
         N, bounds = x_norm.shape[1], self._bounds_cache
-        if not cached or bounds is None or (bounds.shape[1], bounds.dtype, bounds.device) != (N, x_norm.dtype,
-                                                                                               x_norm.device):
+        if not cached or bounds is None or (bounds[0].shape[0], bounds[0].dtype, bounds[0].device) != (
+                N, x_norm.dtype, x_norm.device):
             P, inf = self.num_prefix, float("inf")
             image = x_norm.new_full((N - P,), inf)
-            bounds = torch.stack([F.pad(image, (P, 0), value=-inf), F.pad(-image, (P, 0), value=inf)])
+            bounds = F.pad(image, (P, 0), value=-inf), F.pad(-image, (P, 0), value=inf)
             self._bounds_cache = bounds if cached else None
         return bounds
 
@@ -453,14 +460,16 @@ class PositionalSelector(TokenSelector):
             logits = self._logits(x_norm, attn, rope, bias)  # B, N, N
             self.attention_logits = logits
             scores = (logits[:, 0] if self.query == "cls" else logits.mean(1)).detach()
-        else:
+        elif torch.is_grad_enabled():
             with torch.no_grad():
                 scores = self._token_scores(x_norm, attn, rope, bias, cached)  # B, N
+        else:  # entering no_grad costs ~1 µs
+            scores = self._token_scores(x_norm, attn, rope, bias, cached)
         # +inf at the prefix, below +inf elsewhere: top-k ranks NaN above +inf, so an image token's NaN or +inf
         # is made -inf (its image's prefix keeps its place). Sorted, the prefix comes first, where rotary
         # attention leaves it unrotated (its own order is free: attention and the gathered positions do not
         # depend on the kept tokens' order). Two ops, and two ONNX nodes (nan_to_num exports as nine).
-        below, fill = self._prefix_bounds(x_norm, cached)  # a view of each row: ~1 µs
+        below, fill = self._prefix_bounds(x_norm, cached)
         scores = torch.where(scores < below, scores, fill)
         num_kept = P + self.num_keep
         if self.training and not traced:  # token dropout (patch_drop) may leave fewer than K image tokens
@@ -473,7 +482,7 @@ class PositionalSelector(TokenSelector):
     # the projections, as the layer computes them: plain Linears read by weight, anything else called
     def _weights(self, attn: nn.Module, which: str) -> tuple[Tensor, Tensor | None] | None:
         qk = self.qk
-        proj = attn.get_submodule(qk.q_proj if which == "q" else qk.k_proj)
+        proj = _submodule(attn, qk.q_proj if which == "q" else qk.k_proj)
         rows = (qk.q_rows if which == "q" else qk.k_rows) or slice(None)
         if not _is_plain_linear(proj):
             return None
@@ -549,7 +558,7 @@ class PositionalSelector(TokenSelector):
         """W_kᵀ (W_q x + b_q) (B, C) for the query token x, from the frozen W_qᵀ W_k product as `TokenSelector` scores
         (one C × C read instead of W_q and W_k); None for grouped key heads or a wrapped projection."""
         qk = self.qk
-        q_proj, k_proj = attn.get_submodule(qk.q_proj), attn.get_submodule(qk.k_proj)
+        q_proj, k_proj = _submodule(attn, qk.q_proj), _submodule(attn, qk.k_proj)
         if qk.num_kv_heads != self.num_heads or not (_is_plain_linear(q_proj) and _is_plain_linear(k_proj)):
             return None
         q_bias = getattr(attn, qk.q_bias) if qk.q_bias else q_proj.bias
@@ -565,12 +574,12 @@ class PositionalSelector(TokenSelector):
         x holds all tokens, prefix included (onnxruntime would copy x[:, P:], ~25 µs a block at batch 1): the
         table's rows at the prefix are zeros, and so are the prefix tokens' scores (B, N).
         """
-        turns, table, paired = self._rotary_tables(rope, x, q.shape[-1], scale, cached)
+        turns, table, paired, mix = self._rotary_tables(rope, x, q.shape[-1], scale, cached)
         if paired and _exporting():
             m, bias = self._traced_pair_rows(q, k_weight, k_bias)
         else:
             m, bias = self._pair_rows(q, k_weight, k_bias, turns, paired)
-        return _table_sum(x, m, bias, table)
+        return _table_sum(x, *_mixed(m, bias, mix), table)
 
     def _traced_pair_rows(self, q: Tensor, k_weight: Tensor, k_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """`_pair_rows` of a paired table, for exported and traced graphs: the key rows (and bias) of each pair's
@@ -615,48 +624,42 @@ class PositionalSelector(TokenSelector):
         ~20 ops fewer a block, a third of the selector's time at batch 1. None where it does not apply: a wrapped
         projection, grouped key heads, or a table that does not pair its columns."""
         qk = self.qk
-        q_proj, k_proj = attn.get_submodule(qk.q_proj), attn.get_submodule(qk.k_proj)
+        q_proj, k_proj = _submodule(attn, qk.q_proj), _submodule(attn, qk.k_proj)
         if qk.num_kv_heads != self.num_heads or not (_is_plain_linear(q_proj) and _is_plain_linear(k_proj)):
             return None
-        d = rope.shape[-1] // 2  # the table holds [sin, cos]
-        _, table, paired = self._rotary_tables(rope, x_norm, d, scale, True)
-        if not paired:
+        tables = self._rotary_tables(rope, x_norm, rope.shape[-1] // 2, scale, True)  # the table holds [sin, cos]
+        if not tables.paired:
             return None
         # keyed on the tensors the layer reads (slicing the rows out of a fused qkv costs ~10 µs a block)
-        sources = (k_proj.weight, k_proj.bias, q_proj.weight, q_proj.bias,
-                   *(getattr(attn, name) for name in (qk.q_bias, qk.k_bias) if name))
-        made = self._cached(f"rotary {self.query}", sources, lambda: self._pair_weights(attn))
+        sources = (k_proj.weight, k_proj.bias, *((q_proj.weight, q_proj.bias) if q_proj is not k_proj else ()),
+                   *[getattr(attn, name) for name in (qk.q_bias, qk.k_bias) if name])
+        made = self._cached(("rotary", self.query), sources, lambda: self._pair_weights(attn))
         if made is None:
             return None
-        order, twice, signs, q_weight, q_bias, keys = made
-        if q_weight is None:  # the mean of the rotated queries
-            query = self._queries(x_norm, attn, rope).flatten(1).index_select(1, order)
+        if made.q_weight is None:  # the mean of the rotated queries
+            query = self._queries(x_norm, attn, rope).flatten(1).index_select(1, made.order)
         else:
-            query = torch.addmm(q_bias, x_norm[:, 0], q_weight)  # B, A: (pair, member, head)
-        return _table_sum(x_norm, *_pair_sums(query.index_select(1, twice) * signs, keys, x_norm.shape[-1]), table)
+            query = torch.addmm(made.q_bias, x_norm[:, 0], made.q_weight)  # B, A: (pair, member, head)
+        m, bias = _pair_sums(query.index_select(1, made.twice) * made.signs, made.keys, x_norm.shape[-1])
+        return _table_sum(x_norm, *_mixed(m, bias, tables.mix), tables.table)
 
-    def _pair_weights(self, attn: nn.Module) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor]:
-        """What `_frozen_rotary_scores` reads, for the d / 2 pairs of partner columns c, |P|(c):
-        - `order`: the A query features in pair order (pair, member, head), and W_q's rows in that order,
-          transposed, with b_q's (None for the mean query);
-        - `twice` and `signs` (2A): [q, −P(q)] of each pair = q[twice] * signs, in the order (pair, t, member, head);
-        - `keys` (d / 2, 2H, C + 1): the key rows W_hc of each pair's members, with the key bias b_hc as a last
-          column, left out where it is zero (timm's Eva keeps a zero key bias)."""
+    def _pair_weights(self, attn: nn.Module) -> "PairWeights":
+        """What `_frozen_rotary_scores` reads of the weights (`PairWeights`)."""
         k_weight, k_bias = self._weights(attn, "k")
         (A, C), H = k_weight.shape, self.num_heads
         d = A // H
         order, twice, signs = rotary_pair_layout(d, H, self.qk.rotate_half)
         position = {feature: i for i, feature in enumerate(order)}  # the query comes out in pair order
-        order, twice, signs = torch.tensor(order), torch.tensor([position[f] for f in twice]), torch.tensor(signs)
-        keys = k_weight if k_bias is None or not k_bias.any() else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
         device = k_weight.device
-        order, twice = order.to(device), twice.to(device)
-        made = order, twice, signs.to(k_weight), None, None, keys[order].view(d // 2, 2 * H, -1)
-        if self.query != "cls":
-            return made
-        q_weight, q_bias = self._weights(attn, "q")
-        q_bias = q_weight.new_zeros(A) if q_bias is None else q_bias
-        return *made[:3], q_weight[order].t().contiguous(), q_bias[order], made[5]
+        order, twice = torch.tensor(order, device=device), torch.tensor([position[f] for f in twice], device=device)
+        keys = k_weight if k_bias is None or not k_bias.any() else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
+        q_weight = q_bias = None
+        if self.query == "cls":
+            q_weight, q_bias = self._weights(attn, "q")
+            q_bias = q_weight.new_zeros(A) if q_bias is None else q_bias
+            q_weight, q_bias = q_weight[order].t().contiguous(), q_bias[order]
+        return PairWeights(order, twice, torch.tensor(signs).to(k_weight), q_weight, q_bias,
+                           keys[order].view(d // 2, 2 * H, -1))
 
     def _partners_summed(self, t: Tensor, dim: int) -> Tensor:
         """t with each pair of partners c, |P|(c) along `dim` (of size d) summed: size d / 2, in the order of `_rotary_tables`."""
@@ -666,26 +669,23 @@ class PositionalSelector(TokenSelector):
         pairs = t.unflatten(dim, (d // 2, 2))  # partners 2i and 2i + 1
         return pairs.select(dim + 1, 0) + pairs.select(dim + 1, 1)
 
-    def _rotary_tables(self, rope: Tensor, x: Tensor, d: int, scale: float,
-                       cached: bool) -> tuple[Tensor, Tensor, bool]:
+    def _rotary_tables(self, rope: Tensor, x: Tensor, d: int, scale: float, cached: bool) -> "RotaryTables":
         """(2d, d) `turns` with turns @ q = [q, −P(q)] per row c, the (N, 2d) table scale · [cos, |P|(sin)] in the
         same order (zeros at the P prefix tokens), and whether cos and |P|(sin) are equal at partners c, |P|(c)
         (then the table has one column of each pair, (N, d)). Eager forwards check the table; tracers, which must
         not branch on its values, take what the conversion saw (`self.paired`).
 
-        They depend on `rope` alone: rebuilding them costs ~15 µs a block at batch 1, so eval forwards keep them
-        while `rope` keeps its storage, shape and version. The cache holds `rope`, so its storage cannot be freed
-        and reused by another table.
+        They depend on `rope` alone: rebuilding them costs ~15 µs a block at batch 1, so eval forwards keep them,
+        with the table factored where tokens share angles (`shared_angles`, `mix`), while `rope` is the same
+        tensor at the same version or holds the same values (DINOv3 makes its table anew at every forward: one
+        comparison, ~3 µs). The cache holds `rope`, so its storage cannot be freed and reused by another table.
         """
-        key = None
         if cached:
-            try:
-                key = (rope.data_ptr(), rope._version, rope.shape, rope.stride(), rope.device, x.dtype, scale)
-            except RuntimeError:  # inference tensors keep no version
-                key = None
-        cache = self._rotary_cache
-        if key is not None and cache is not None and cache[0] == key:
-            return cache[2]
+            key, cache = (rope.shape, rope.dtype, rope.device, x.dtype, scale), self._rotary_cache
+            # (key, rope, its version, a copy of its values, the tables)
+            if cache is not None and cache[0] == key and (
+                    cache[1] is rope and cache[2] is not None and cache[2] == _version(rope) or torch.equal(cache[3], rope)):
+                return cache[4]
         from timm.layers.pos_embed_sincos import rope_rotate_half, rot
 
         turn = rope_rotate_half if self.qk.rotate_half else rot
@@ -698,8 +698,10 @@ class PositionalSelector(TokenSelector):
         paired = rotary_pairs(rope, self.qk.rotate_half) if eager else self.paired
         if paired:  # one column of each pair: the sum of both, halved (exact)
             table = self._partners_summed(table, 1) * 0.5
-        tables = turns, F.pad(table.flatten(1) * scale, (0, 0, self.num_prefix, 0)), paired
-        self._rotary_cache = None if key is None else (key, rope, tables)
+        table = F.pad(table.flatten(1) * scale, (0, 0, self.num_prefix, 0))
+        mix, table = shared_angles(table, self.num_prefix) if cached else (None, table)
+        tables = RotaryTables(turns, table, paired, mix)
+        self._rotary_cache = (key, rope, _version(rope), rope.detach().clone(), tables) if cached else None
         return tables
 
     def _logits(self, x_norm: Tensor, attn: nn.Module, rope: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -717,6 +719,57 @@ class PositionalSelector(TokenSelector):
         return logits.mean(1)
 
 
+class RotaryTables(NamedTuple):
+    """`PositionalSelector._rotary_tables`."""
+
+    turns: Tensor  # (2d, d): turns @ q = [q, −P(q)]
+    table: Tensor  # (N, 2d), or (N, d) where `paired`; E (N, R) where `mix` is set: the table is E @ mix
+    paired: bool
+    mix: Tensor | None  # (R, d), `shared_angles`: eval forwards only
+
+
+class PairWeights(NamedTuple):
+    """What a frozen `PositionalSelector` keeps of the weights for a paired rotary table, for the d / 2 pairs of
+    partner columns c, |P|(c) (`_frozen_rotary_scores`)."""
+
+    order: Tensor  # (A,) the query features in pair order (pair, member, head)
+    twice: Tensor  # (2A,) with `signs`: [q, −P(q)] of each pair = q[twice] * signs, in the order (pair, t, member, head)
+    signs: Tensor
+    q_weight: Tensor | None  # (C, A) W_q's rows in pair order, transposed, and b_q's (A,); None for the mean query
+    q_bias: Tensor | None
+    keys: Tensor  # (d / 2, 2H, C [+ 1]) the key rows W_hc of each pair's members, the key bias b_hc as a last
+    # column, left out where it is zero (timm's Eva keeps a zero key bias)
+
+
+def shared_angles(table: Tensor, num_prefix: int) -> tuple[Tensor | None, Tensor]:
+    """A rotary table (N, d) of columns (pair, cos / sin) as E @ F, with E (N, R) of zeros and ones and R < d rows
+    in F (R, d), where tokens share the angle a pair turns by: an axial table turns a pair by the token's column or
+    its row alone, so on a 14 × 14 grid each pair has 14 angles and R = 28 for d = 64 (timm's Eva, DINOv3).
+    Scores x_j · (Σ_k T_jk m_k) then take the product x · (F m)ᵀ (N, R) instead of x · mᵀ (N, d). Exact: each
+    entry of E @ F is one product by 1. Returns (F, E), or (None, table) where R would exceed d / 2.
+    """
+    image = table[num_prefix:]  # the prefix rows are zeros
+    groups: dict[tuple[int, ...], list[int]] = {}  # the tokens' angle classes -> the pairs that split them so
+    for pair in range(image.shape[1] // 2):
+        _, inverse = image[:, 2 * pair: 2 * pair + 2].unique(dim=0, return_inverse=True)
+        first: dict[int, int] = {}  # classes numbered by first appearance: pairs that split the tokens alike agree
+        groups.setdefault(tuple(first.setdefault(c, len(first)) for c in inverse.tolist()), []).append(pair)
+    R = sum(max(classes) + 1 for classes in groups)
+    if 2 * R > image.shape[1]:  # the product F m costs an op: worth it where the large one halves
+        return None, table
+    E, mix = table.new_zeros(table.shape[0], R), table.new_zeros(R, table.shape[1])
+    tokens, start = torch.arange(image.shape[0]), 0
+    for classes, pairs in groups.items():
+        classes = torch.tensor(classes)
+        n = int(classes.max()) + 1
+        E[num_prefix + tokens, start + classes] = 1
+        columns = torch.tensor([2 * pair + t for pair in pairs for t in (0, 1)])
+        first_token = torch.full((n,), len(tokens)).scatter_reduce(0, classes, tokens, "amin")
+        mix[start: start + n, columns] = image[first_token][:, columns]
+        start += n
+    return (mix, E) if torch.equal(E @ mix, table) else (None, table)
+
+
 def _pair_sums(q2: Tensor, keys: Tensor, C: int) -> tuple[Tensor, Tensor | None]:
     """`_pair_rows`' rows m (B, d, C) and biases (B, d) from its q2 = [q, −P(q)] (B, 2A) in the order (pair, t,
     member, head) and each pair's key rows `keys` (d / 2, 2Hk, C, or C + 1 with the key bias last): one product
@@ -729,6 +782,20 @@ def _pair_sums(q2: Tensor, keys: Tensor, C: int) -> tuple[Tensor, Tensor | None]
         m = torch.bmm(q2.transpose(0, 1).reshape(pairs, 2 * B, -1), keys)
         m = m.view(pairs, B, 2, -1).transpose(0, 1).reshape(B, 2 * pairs, -1)
     return (m, None) if m.shape[-1] == C else (m[..., :C], m[..., C])
+
+
+def _mixed(m: Tensor, bias: Tensor | None, mix: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`_table_sum`'s rows m (B, d, C) and biases (B, d) for a table factored as E @ mix (`shared_angles`): mix @ m."""
+    if mix is None:
+        return m, bias
+    return torch.bmm(mix.expand(m.shape[0], -1, -1), m), None if bias is None else bias @ mix.t()
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version
+        return None
 
 
 def _table_sum(x: Tensor, m: Tensor, bias: Tensor | None, table: Tensor) -> Tensor:
