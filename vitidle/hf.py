@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .engine.discover import evaluating, input_size, sample_input
 from .errors import (CheckpointError, ConversionError, UnsupportedModelError, UsageError, WeightsUnavailableError,
                      first_line)
-from .idle import PER_TOKEN_NORMS, SELECTOR, TokenSelector, gather_tokens, merge_tokens
+from .idle import PER_TOKEN_NORMS, SELECTOR, TokenSelector, gather_tokens, merge_tokens, submodule
 
 HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
@@ -254,9 +254,9 @@ class IdleLayer(Swapped):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args, **kwargs):
         _refuse_attention_maps()
         x, paths = hidden_states, self.vitidle_layer  # B, N, C
-        norm = None if paths.norm is None else self.get_submodule(paths.norm)
+        norm = None if paths.norm is None else submodule(self, paths.norm)
         x_norm = x if norm is None else norm(x)
-        rows = self.selector(x_norm, self.get_submodule(paths.q_proj), self.get_submodule(paths.k_proj))  # B*(P+K)
+        rows = self.selector(x_norm, submodule(self, paths.q_proj), submodule(self, paths.k_proj))  # B*(P+K)
         # torch.export and ONNX pass a filled mask, a user may pass one, CLIP passes a second (causal) one:
         # every (.., N, N) tensor argument is cut to the kept rows and columns; other tensors are refused
         if attention_mask is not None or args or kwargs:  # (eager use passes none: no Python spent at batch 1)
