@@ -2,6 +2,7 @@
 
     python benchmarks/selection_cost.py                 # DeiT-S, keep 0.5, batch 1, 50 rounds
     python benchmarks/selection_cost.py --profile       # and torch.profiler's idle - limit per aten op
+    python benchmarks/selection_cost.py --model hf:./vit-s-hf --batch 16   # a transformers save_pretrained folder
 
 `fixed rows` replaces each selector by the rows it chose on this input, so the model still moves
 tokens (two gathers, one merge) and norms all N tokens, but scores nothing. `% of limit` as in
@@ -20,15 +21,16 @@ import timm
 import torch
 
 import vitidle
+from vitidle import hf
 from vitidle.bench import limit_model, time_interleaved
 from vitidle.idle import PositionalSelector, idle_selectors
 
 
-def with_fixed_rows(idle: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
-    """A copy of `idle` whose selectors return the rows `idle` chose for `x`, without scoring."""
+def with_fixed_rows(idle: torch.nn.Module, x: torch.Tensor, N: int) -> torch.nn.Module:
+    """A copy of `idle` (N tokens) whose selectors return the rows `idle` chose for `x`, without scoring."""
     fixed = copy.deepcopy(idle)
     idle(x)
-    B, N = x.shape[0], idle.vitidle_config["layout"]["num_tokens"]
+    B = x.shape[0]
     for mine, theirs in zip(idle_selectors(fixed), idle_selectors(idle)):
         index = theirs.kept_index  # B, P + K positions; the blocks take rows of (B * N, C), or positions at B == 1
         if isinstance(mine, PositionalSelector):  # its blocks take the positions, and make the rows themselves
@@ -72,11 +74,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
-    dense = timm.create_model(args.model, pretrained=False).eval()
+    if hf.is_hf_name(args.model):  # a save_pretrained folder, hf:./folder: its logits, as `vitidle bench` times it
+        dense = hf.create(args.model).eval()
+    else:
+        dense = timm.create_model(args.model, pretrained=False).eval()
     idle = vitidle.freeze(vitidle.convert(copy.deepcopy(dense), args.keep).eval())
     x = torch.randn(args.batch, *idle.vitidle_config["input"]["input_size"])
-    models = {"idle": idle, "fixed rows": with_fixed_rows(idle, x), "limit": limit_model(dense, idle)}
-    assert torch.equal(models["fixed rows"](x), idle(x)), "fixed rows must compute what idle computes"
+    N, limit = idle.vitidle_config["layout"]["num_tokens"], limit_model(dense, idle)
+    idle = hf.tensor_output(idle)  # (a sample forward at batch 1: before the rows are fixed for x)
+    models = {"idle": idle, "fixed rows": with_fixed_rows(idle, x, N), "limit": hf.tensor_output(limit)}
+    assert torch.equal(models["fixed rows"](x), models["idle"](x)), "fixed rows must compute what idle computes"
     samples = time_interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.repeats,
                                iters=16 if args.batch == 1 else 1)
     print(f"{args.model}, keep {args.keep}, batch {args.batch}, {args.repeats} rounds, "
@@ -86,7 +93,7 @@ def main() -> None:
         pct = statistics.median(lim / t * 100 for lim, t in zip(samples["limit"], times))
         print(f"| {name} | {statistics.median(times):.2f} | {pct:.1f}% |")
     if args.profile:
-        times = op_times({"idle": idle, "limit": models["limit"]}, x, 40)
+        times = op_times({"idle": models["idle"], "limit": models["limit"]}, x, 40)
         diff = {op: times["idle"][op] - times["limit"][op] for op in times["idle"] | times["limit"]}
         print("\n| aten op (torch.profiler, 40 forwards) | idle - limit, µs per forward |\n|---|---|")
         for op in sorted(diff, key=lambda op: -abs(diff[op]))[:12]:

@@ -687,8 +687,8 @@ class PositionalSelector(TokenSelector):
         if cached:
             key, cache = (rope.shape, rope.dtype, rope.device, x.dtype, scale), self._rotary_cache
             # (key, rope, its version, a copy of its values, the tables)
-            if cache is not None and cache[0] == key and (
-                    cache[1] is rope and cache[2] is not None and cache[2] == _version(rope) or torch.equal(cache[3], rope)):
+            if cache is not None and cache[0] == key and (cache[1] is rope and cache[2] is not None
+                                                          and cache[2] == _version(rope) or torch.equal(cache[3], rope)):
                 return cache[4]
         from timm.layers.pos_embed_sincos import rope_rotate_half, rot
 
@@ -746,11 +746,17 @@ class PairWeights(NamedTuple):
 
 
 def shared_angles(table: Tensor, num_prefix: int) -> tuple[Tensor | None, Tensor]:
-    """A rotary table (N, d) of columns (pair, cos / sin) as E @ F, with E (N, R) of zeros and ones and R < d rows
-    in F (R, d), where tokens share the angle a pair turns by: an axial table turns a pair by the token's column or
-    its row alone, so on a 14 × 14 grid each pair has 14 angles and R = 28 for d = 64 (timm's Eva, DINOv3).
-    Scores x_j · (Σ_k T_jk m_k) then take the product x · (F m)ᵀ (N, R) instead of x · mᵀ (N, d). Exact: each
-    entry of E @ F is one product by 1. Returns (F, E), or (None, table) where R would exceed d / 2.
+    """A rotary table T (N, D), its columns in twos (the cosine and sine of one angle, `_rotary_tables`' order), as
+    E @ F with E (N, R) of zeros and ones and F (R, D), where tokens share angles: an axial table turns a pair by
+    the token's column or its row alone, so on a 14 × 14 grid each pair has 14 angles and R = 28 for D = 64
+    (timm's Eva, DINOv3). Scores Σ_k T_jk (x_j · m_k) then take the product x · (F m)ᵀ (N, R) instead of
+    x · mᵀ (N, D). Exact: each entry of E @ F is one product by 1. Returns (F, E), or (None, T) where R > D / 2.
+
+    >>> angles = torch.arange(3.0).repeat(2)  # six tokens, two of each angle
+    >>> table = torch.stack([angles.cos(), angles.sin()] * 4, 1)  # four pairs that split the tokens alike
+    >>> mix, E = shared_angles(table, num_prefix=0)
+    >>> mix.shape, E.shape, torch.equal(E @ mix, table)  # three angles for all four pairs
+    (torch.Size([3, 8]), torch.Size([6, 3]), True)
     """
     image = table[num_prefix:]  # the prefix rows are zeros
     groups: dict[tuple[int, ...], list[int]] = {}  # the tokens' angle classes -> the pairs that split them so
