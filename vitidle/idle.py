@@ -679,10 +679,11 @@ class PositionalSelector(TokenSelector):
         (then the table has one column of each pair, (N, d)). Eager forwards check the table; tracers, which must
         not branch on its values, take what the conversion saw (`self.paired`).
 
-        They depend on `rope` alone: rebuilding them costs ~15 µs a block at batch 1, so eval forwards keep them,
-        with the table factored where tokens share angles (`shared_angles`, `mix`), while `rope` is the same
+        They depend on `rope` alone: rebuilding them costs ~15 µs a block at batch 1, and factoring the table where
+        tokens share angles (`shared_angles`, `mix`) far more, so eval forwards keep them while `rope` is the same
         tensor at the same version or holds the same values (DINOv3 makes its table anew at every forward: one
-        comparison, ~3 µs). The cache holds `rope`, so its storage cannot be freed and reused by another table.
+        comparison, ~20 µs for a 256 × 128 table). The cache holds `rope`, so its storage cannot be freed and
+        reused by another table.
         """
         if cached:
             key, cache = (rope.shape, rope.dtype, rope.device, x.dtype, scale), self._rotary_cache
