@@ -271,13 +271,36 @@ def _is_plain_linear(module: nn.Module) -> bool:
     """Whether `module` computes x Wᵀ + b from its `weight` and `bias`: an nn.Linear (or a parametrized one)
     that no adapter, quantization wrapper or hook changes, with a plain weight tensor (torchao's `quantize_`
     keeps the nn.Linear and swaps its weight for a quantized tensor subclass, which only F.linear supports)."""
-    if type(module).forward is not nn.Linear.forward or module._forward_hooks or module._forward_pre_hooks:
+    if type(module).forward not in (nn.Linear.forward, KeyedLinear.forward) or module._forward_hooks \
+            or module._forward_pre_hooks:
         return False
     weight = module._parameters.get("weight")
     if weight is None:  # a parametrized weight, or one set as a plain attribute
         weight = module.weight
     # torch.export (non-strict) runs the forward on fake tensors, which are no wrapper subclass
     return type(weight) is nn.Parameter or not is_traceable_wrapper_subclass(weight)
+
+
+class KeyedLinear(nn.Linear):
+    """The nn.Linear that projects an idle block's keys, where its `PositionalSelector` projects them to score
+    (a rotary table per head): called on the kept tokens its selector handed over (`vitidle_given`, matched by
+    identity, taken once), it gathers their keys from the selector's and projects only its other rows; on
+    anything else it is the nn.Linear. Same parameters and state-dict keys."""
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "vitidle_given": None}
+
+    def forward(self, x: Tensor) -> Tensor:
+        given = self.__dict__.pop("vitidle_given", None)
+        if given is None or given[0] is not x:
+            return F.linear(x, self.weight, self.bias)
+        _, rows, keys, key_rows = given  # every token's keys (B, N, A), the kept tokens' rows, the keys' features
+        kept = gather_tokens(keys, rows)  # B, P + K, A
+        if key_rows is None:  # a key projection of its own
+            return kept
+        before, after = slice(0, key_rows.start), slice(key_rows.stop, None)  # a fused one: q | k | v
+        return torch.cat([F.linear(x, self.weight[before], _rows(self.bias, before)), kept,
+                          F.linear(x, self.weight[after], _rows(self.bias, after))], -1)
 
 
 def _rows(bias: Tensor | None, rows: slice) -> Tensor | None:
@@ -440,7 +463,7 @@ class PositionalSelector(TokenSelector):
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_rotary_cache": None, "_bounds_cache": None}
+        return {**super().__getstate__(), "_rotary_cache": None, "_bounds_cache": None, "_keys": None}
 
     def _prefix_bounds(self, x_norm: Tensor, cached: bool) -> tuple[Tensor, Tensor]:
         """(N,) each: the bound a score must stay under to count (−inf at the prefix, +inf elsewhere), and what
@@ -482,6 +505,15 @@ class PositionalSelector(TokenSelector):
         if not (traced or torch.compiler.is_exporting()):
             self.__dict__["kept_index"] = index
         return index
+
+    def hand_keys(self, kept_norm: Tensor, rows: Tensor) -> None:
+        """Hand the attention's `KeyedLinear` the keys this forward projected to score, for the kept tokens
+        `kept_norm` (at `rows`): (P + K)·C² MACs a block less. Only where they were projected in eval mode and
+        no gradient is recorded (the scores' keys carry none)."""
+        made = self.__dict__.pop("_keys", None)
+        if made is not None and not torch.is_grad_enabled():
+            proj, keys = made
+            proj.__dict__["vitidle_given"] = (kept_norm, rows, keys, self.qk.k_rows)
 
     # the projections, as the layer computes them: plain Linears read by weight, anything else called
     def _weights(self, attn: nn.Module, which: str) -> tuple[Tensor, Tensor | None] | None:
@@ -547,7 +579,11 @@ class PositionalSelector(TokenSelector):
             elif weights is not None and shared:  # a rotary table shared by all heads and images
                 scores = self._rotary_scores(x_norm, q, *weights, rope, scale, cached)
             else:  # keys projected: a wrapped projection, or a rotary table per head or per image
-                k = self._heads(self._project(x_norm[:, P:], attn, "k"), Hk)  # B, Hk, N - P, d
+                k = self._project(x_norm, attn, "k")  # B, N, A: every token's (P more rows), which the
+                proj = submodule(attn, self.qk.k_proj)  # attention then reuses for the kept ones (`hand_keys`)
+                reuse = cached and isinstance(proj, KeyedLinear) and _is_plain_linear(proj)
+                self.__dict__["_keys"] = (proj, k) if reuse else None
+                k = self._heads(k[:, P:], Hk)  # B, Hk, N - P, d
                 if rope is not None:
                     k = self._rotate(k, rope)
                 scores = F.pad(torch.einsum("bhc,bhnc->bn", q, k) * scale, (P, 0))  # B, N
@@ -891,6 +927,16 @@ def gather_rope(rope: Tensor, index: Tensor, num_prefix: int) -> Tensor:
         return rope[:, image].transpose(0, 1)
     rope = rope.expand(B, *rope.shape[1:])
     return rope.gather(2, image.view(B, 1, K, 1).expand(B, rope.shape[1], K, rope.shape[3]))
+
+
+@_one_node
+def gather_normed_tokens(x_norm: Tensor, rows: Tensor, selector: "PositionalSelector") -> Tensor:
+    """`gather_tokens` of the normed tokens the attention reads, which also hands the attention the keys its
+    selector projected (`PositionalSelector.hand_keys`; not in traced or exported graphs)."""
+    kept = gather_tokens(x_norm, rows)
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        selector.hand_keys(kept, rows)
+    return kept
 
 
 @_one_node

@@ -24,10 +24,12 @@ from ..idle import (
     PER_TOKEN_NORMS,
     SELECTOR,
     IdleSequential,
+    KeyedLinear,
     PositionalSelector,
     TokenSelector,
     check_pinned,
     gather_bias,
+    gather_normed_tokens,
     gather_rope,
     gather_tokens,
     merge_tokens,
@@ -128,6 +130,26 @@ def insert_positions(gm: fx.GraphModule, x: fx.Node, attention: str, attn_input:
     return index, rows
 
 
+def hand_over_keys(gm: fx.GraphModule, attention: str) -> None:
+    """Where the selector projects keys to score (a rotary table per head: no shared-table shortcut), let the
+    attention reuse the kept tokens' keys instead of projecting them again: its key projection, a plain
+    nn.Linear, becomes a `KeyedLinear` (same parameters), and the gather of the normed tokens it reads hands
+    them over (`gather_normed_tokens`)."""
+    selector = gm.get_submodule(SELECTOR)
+    qk = selector.qk
+    proj = gm.get_submodule(f"{attention}.{qk.k_proj}")
+    if selector.rope_dims == 2 or type(proj) is not nn.Linear or qk.q_bias or qk.k_bias:
+        return  # a shared table projects no key; a wrapped projection or a separate bias is left as it is
+    attn = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == attention)
+    kept_norm = attn.args[0]
+    if kept_norm.op != "call_function" or kept_norm.target is not gather_tokens:
+        return
+    with gm.graph.inserting_before(kept_norm):
+        owner = gm.graph.get_attr(SELECTOR)
+    kept_norm.target, kept_norm.args = gather_normed_tokens, (*kept_norm.args, owner)
+    proj.__class__ = KeyedLinear
+
+
 def hoist(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> None:
     """Move `node`, computed without the tokens x, and what it is computed from before x's first use, so the
     selector (inserted there) can read it."""
@@ -214,6 +236,7 @@ def _idle_positional(block: nn.Module, gm: fx.GraphModule, x: fx.Node, attention
     index, rows = insert_positions(gm, x, attention, attn_input, positions)
     if attn_input is not x:
         reuse_normed_tokens(gm, attn_input, rows, index.args[0])
+        hand_over_keys(gm, attention)
     accept_pinned(gm, pinned)
     insert_token_merge(gm, x, rows)
     gm.graph.lint()
