@@ -178,6 +178,21 @@ def test_a_nan_token_in_one_image_leaves_the_others_alone(key, frozen):
     torch.testing.assert_close(out[:1], alone, atol=1e-5, rtol=1e-5)
 
 
+def _rope_mixed_block():
+    """An idle block of a model with a rotary table per head, and its inputs; layer scale at 1 (timm starts it at
+    1e-5, under which a wrong attention output hardly shows in the block's)."""
+    base = dense("rope_mixed")
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith(("gamma_1", "gamma_2")):
+                param.fill_(1.0)
+    model = vitidle.convert(base, keep=0.5, schedule="constant").eval()
+    seen = block_inputs(model)
+    with torch.no_grad():
+        model(images(2))
+    return model.blocks[3], seen[3]
+
+
 def test_an_attention_reuses_the_keys_its_selector_projected():
     # a rotary table per head: the selector projects every token's key to score; the attention takes the kept
     # tokens' from there instead of projecting them again, (P + K)·C² MACs a block less, with the same output
@@ -185,14 +200,8 @@ def test_an_attention_reuses_the_keys_its_selector_projected():
 
     from vitidle.idle import KeyedLinear
 
-    base = dense("rope_mixed")
-    model = vitidle.convert(copy.deepcopy(base), keep=0.5, schedule="constant").eval()
-    block = model.blocks[3]
+    block, (tokens, kwargs) = _rope_mixed_block()
     assert isinstance(block.attn.qkv, KeyedLinear) and set(block.state_dict()) >= {"attn.qkv.weight", "attn.qkv.bias"}
-    seen = block_inputs(model)
-    with torch.no_grad():
-        model(images(2))
-    tokens, kwargs = seen[3]
     out, macs = {}, {}
     for grad in (False, True):  # with gradients recorded, the attention projects its keys itself
         counter = FlopCounterMode(display=False)
@@ -203,6 +212,26 @@ def test_an_attention_reuses_the_keys_its_selector_projected():
     assert macs[True] - macs[False] == 2 * kept * 64 * 64  # batch 2, 64 dims
     torch.testing.assert_close(out[False], out[True].detach(), atol=1e-5, rtol=1e-5)
     assert "vitidle_given" not in block.attn.qkv.__dict__  # handed over once, taken once
+
+
+def test_keys_projected_from_other_tokens_are_never_handed_over():
+    # a direct call of the selector (or another thread's forward) leaves keys of other tokens behind: a forward
+    # that projects none (recording its logits) must not take them
+    block, (tokens, kwargs) = _rope_mixed_block()
+    with torch.no_grad():
+        want = block(tokens, **kwargs)
+        block.selector(block.norm1(torch.randn_like(tokens)), block.attn, kwargs["rope"])
+        block.selector.record_attention = True
+        torch.testing.assert_close(block(tokens, **kwargs), want, atol=1e-5, rtol=1e-5)
+        block.selector.record_attention = False
+    # nor taken for an attention input changed since (by a hook, in place): the keys are projected again
+    handle = block.attn.register_forward_pre_hook(lambda module, args: args[0].mul_(2.0))
+    with torch.no_grad():
+        got = block(tokens, **kwargs)
+    want = block(tokens, **kwargs).detach()  # with gradients recorded, no key is handed over
+    handle.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert "vitidle_given" not in block.attn.qkv.__dict__
 
 
 def test_training_with_patch_dropout_and_gradients():

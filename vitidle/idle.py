@@ -283,18 +283,18 @@ def _is_plain_linear(module: nn.Module) -> bool:
 
 class KeyedLinear(nn.Linear):
     """The nn.Linear that projects an idle block's keys, where its `PositionalSelector` projects them to score
-    (a rotary table per head): called on the kept tokens its selector handed over (`vitidle_given`, matched by
-    identity, taken once), it gathers their keys from the selector's and projects only its other rows; on
-    anything else it is the nn.Linear. Same parameters and state-dict keys."""
+    (a rotary table per head): called on the kept tokens its selector handed over (`vitidle_given`: the same
+    tensor at the same version, taken once), it gathers their keys from the selector's and projects only its
+    other rows; on anything else it is the nn.Linear. Same parameters and state-dict keys."""
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "vitidle_given": None}
 
     def forward(self, x: Tensor) -> Tensor:
         given = self.__dict__.pop("vitidle_given", None)
-        if given is None or given[0] is not x:
+        if given is None or given[0] is not x or given[1] != _version(x):  # another tensor, or changed since
             return F.linear(x, self.weight, self.bias)
-        _, rows, keys, key_rows = given  # every token's keys (B, N, A), the kept tokens' rows, the keys' features
+        _, _, rows, keys, key_rows = given  # every token's keys (B, N, A), the kept tokens' rows, the keys' features
         kept = gather_tokens(keys, rows)  # B, P + K, A
         if key_rows is None:  # a key projection of its own
             return kept
@@ -506,14 +506,19 @@ class PositionalSelector(TokenSelector):
             self.__dict__["kept_index"] = index
         return index
 
-    def hand_keys(self, kept_norm: Tensor, rows: Tensor) -> None:
-        """Hand the attention's `KeyedLinear` the keys this forward projected to score, for the kept tokens
-        `kept_norm` (at `rows`): (P + K)·C² MACs a block less. Only where they were projected in eval mode and
-        no gradient is recorded (the scores' keys carry none)."""
+    def hand_keys(self, x_norm: Tensor, kept_norm: Tensor, rows: Tensor, attn: nn.Module) -> None:
+        """Hand the attention's `KeyedLinear` the keys this selector projected to score the normed tokens x_norm,
+        for their kept rows `kept_norm` (at `rows`): (P + K)·C² MACs a block less. Only keys made from this very
+        x_norm, unchanged since (so not another thread's, nor those of a direct call), in eval mode with no
+        gradient recorded (the scores' keys carry none); `KeyedLinear` takes them for `kept_norm` unchanged."""
         made = self.__dict__.pop("_keys", None)
-        if made is not None and not torch.is_grad_enabled():
-            proj, keys = made
-            proj.__dict__["vitidle_given"] = (kept_norm, rows, keys, self.qk.k_rows)
+        if made is None or made[0] is not x_norm or made[1] != _version(x_norm) or torch.is_grad_enabled():
+            return
+        proj, version = made[2], _version(kept_norm)
+        if version is None and (_global_hooks() or any(m._forward_pre_hooks or m._forward_hooks
+                                                        for m in (self, attn, proj))):
+            return  # inference tensors keep no version: a hook could change them unseen
+        proj.__dict__["vitidle_given"] = (kept_norm, version, rows, made[3], self.qk.k_rows)
 
     # the projections, as the layer computes them: plain Linears read by weight, anything else called
     def _weights(self, attn: nn.Module, which: str) -> tuple[Tensor, Tensor | None] | None:
@@ -582,7 +587,7 @@ class PositionalSelector(TokenSelector):
                 k = self._project(x_norm, attn, "k")  # B, N, A: every token's (P more rows), which the
                 proj = submodule(attn, self.qk.k_proj)  # attention then reuses for the kept ones (`hand_keys`)
                 reuse = cached and isinstance(proj, KeyedLinear) and _is_plain_linear(proj)
-                self.__dict__["_keys"] = (proj, k) if reuse else None
+                self.__dict__["_keys"] = (x_norm, _version(x_norm), proj, k) if reuse else None
                 k = self._heads(k[:, P:], Hk)  # B, Hk, N - P, d
                 if rope is not None:
                     k = self._rotate(k, rope)
@@ -930,12 +935,12 @@ def gather_rope(rope: Tensor, index: Tensor, num_prefix: int) -> Tensor:
 
 
 @_one_node
-def gather_normed_tokens(x_norm: Tensor, rows: Tensor, selector: "PositionalSelector") -> Tensor:
-    """`gather_tokens` of the normed tokens the attention reads, which also hands the attention the keys its
-    selector projected (`PositionalSelector.hand_keys`; not in traced or exported graphs)."""
+def gather_normed_tokens(x_norm: Tensor, rows: Tensor, selector: "PositionalSelector", attn: nn.Module) -> Tensor:
+    """`gather_tokens` of the normed tokens the attention `attn` reads, which also hands it the keys its selector
+    projected from them (`PositionalSelector.hand_keys`; not in traced or exported graphs)."""
     kept = gather_tokens(x_norm, rows)
     if not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-        selector.hand_keys(kept, rows)
+        selector.hand_keys(x_norm, kept, rows, attn)
     return kept
 
 

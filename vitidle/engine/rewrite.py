@@ -145,8 +145,8 @@ def hand_over_keys(gm: fx.GraphModule, attention: str) -> None:
     if kept_norm.op != "call_function" or kept_norm.target is not gather_tokens:
         return
     with gm.graph.inserting_before(kept_norm):
-        owner = gm.graph.get_attr(SELECTOR)
-    kept_norm.target, kept_norm.args = gather_normed_tokens, (*kept_norm.args, owner)
+        owner, module = gm.graph.get_attr(SELECTOR), gm.graph.get_attr(attention)
+    kept_norm.target, kept_norm.args = gather_normed_tokens, (*kept_norm.args, owner, module)
     proj.__class__ = KeyedLinear
 
 
