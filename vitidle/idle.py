@@ -632,9 +632,8 @@ class PositionalSelector(TokenSelector):
         gather of q, one product over the pairs and no partner sum (~15 nodes fewer a block)."""
         B, Hk, d = q.shape
         order, twice, signs = (torch.tensor(t, device=q.device) for t in rotary_pair_layout(d, Hk, self.qk.rotate_half))
-        keys = k_weight if k_bias is None else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
         q2 = q.reshape(B, Hk * d).index_select(1, twice) * signs.to(q.dtype)
-        return _pair_sums(q2, keys.index_select(0, order).view(d // 2, 2 * Hk, -1), k_weight.shape[-1])
+        return _pair_sums(q2, _pair_keys(k_weight, k_bias, order, Hk), k_weight.shape[-1])
 
     def _pair_rows(self, q: Tensor, k_weight: Tensor, k_bias: Tensor | None, turns: Tensor,
                    paired: bool) -> tuple[Tensor, Tensor | None]:
@@ -691,20 +690,20 @@ class PositionalSelector(TokenSelector):
     def _pair_weights(self, attn: nn.Module) -> "PairWeights":
         """What `_frozen_rotary_scores` reads of the weights (`PairWeights`)."""
         k_weight, k_bias = self._weights(attn, "k")
-        (A, C), H = k_weight.shape, self.num_heads
+        A, H = k_weight.shape[0], self.num_heads
         d = A // H
         order, twice, signs = rotary_pair_layout(d, H, self.qk.rotate_half)
         position = {feature: i for i, feature in enumerate(order)}  # the query comes out in pair order
         device = k_weight.device
         order, twice = torch.tensor(order, device=device), torch.tensor([position[f] for f in twice], device=device)
-        keys = k_weight if k_bias is None or not k_bias.any() else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
         q_weight = q_bias = None
         if self.query == "cls":
             q_weight, q_bias = self._weights(attn, "q")
             q_bias = q_weight.new_zeros(A) if q_bias is None else q_bias
             q_weight, q_bias = q_weight[order].t().contiguous(), q_bias[order]
+        k_bias = None if k_bias is None or not k_bias.any() else k_bias  # timm's Eva keeps a zero key bias
         return PairWeights(order, twice, torch.tensor(signs).to(k_weight), q_weight, q_bias,
-                           keys[order].view(d // 2, 2 * H, -1))
+                           _pair_keys(k_weight, k_bias, order, H))
 
     def _partners_summed(self, t: Tensor, dim: int) -> Tensor:
         """t with each pair of partners c, |P|(c) along `dim` (of size d) summed: size d / 2, in the order of `_rotary_tables`."""
@@ -835,6 +834,13 @@ def _pair_sums(q2: Tensor, keys: Tensor, C: int) -> tuple[Tensor, Tensor | None]
     return (m, None) if m.shape[-1] == C else (m[..., :C], m[..., C])
 
 
+def _pair_keys(k_weight: Tensor, k_bias: Tensor | None, order: Tensor, heads: int) -> Tensor:
+    """The key rows of each pair's members (d / 2, 2·heads, C), in `rotary_pair_layout`'s `order`, with the key
+    bias as a last column where one is given: `_pair_sums`' `keys`."""
+    keys = k_weight if k_bias is None else torch.cat([k_weight, k_bias.unsqueeze(1)], 1)
+    return keys.index_select(0, order).view(-1, 2 * heads, keys.shape[-1])
+
+
 def _mixed(m: Tensor, bias: Tensor | None, mix: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """`_table_sum`'s rows m (B, d, C) and biases (B, d) for a table factored as E @ mix (`shared_angles`, mix (1, R, d)):
     mix @ m."""
@@ -909,7 +915,7 @@ def _one_node(fn):
     """`fn` as one node of an fx graph when fx traces it (it branches on shapes; fx re-traces blocks it unpickles)."""
     @functools.wraps(fn)
     def traced(*args):
-        for a in args:  # (a loop: a generator costs ~1 µs more, three times a block)
+        for a in args:  # (a loop: a generator costs ~1 µs more, several times a block)
             if isinstance(a, fx.Proxy):
                 return a.tracer.create_proxy("call_function", traced, args, {})
         return fn(*args)
