@@ -166,6 +166,118 @@ def test_pickle_and_deepcopy_keep_the_idle_layers():
             assert torch.equal(first(copied(x)), want)
 
 
+def merges(monkeypatch) -> list[bool]:
+    """Whether each merge from now on writes into its input (`into_x`), in call order."""
+    into, merge = [], hf.merge_tokens
+    monkeypatch.setattr(hf, "merge_tokens", lambda x, rows, y, into_x=False: into.append(into_x) or
+                        merge(x, rows, y, into_x))
+    return into
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip"])
+def test_the_models_own_loop_merges_in_place_and_every_other_caller_gets_a_copy(name, monkeypatch):
+    model = vitidle.convert(dense_model(name), keep=0.5)
+    x, layers = images(), layers_of(model)
+    into = merges(monkeypatch)
+    with torch.no_grad():
+        fast = first(model(x))
+        assert into == [False, True, True]  # the first idle layer copies the dense layer's output
+        into.clear()
+        out = model(x, output_hidden_states=True)  # transformers' hooks keep every layer's output: copies
+        assert into == [False] * 3 and torch.equal(first(out), fast)
+        for i, layer in enumerate(layers[1:], start=1):  # each hidden state is its own: kept tokens moved
+            before, after = out.hidden_states[i], out.hidden_states[i + 1]
+            moved = (before != after).any(-1)  # B, N
+            assert moved.sum(1).tolist() == [MODELS[name][2] + layer.selector.num_keep] * len(x)
+        into.clear()
+        assert torch.equal(first(model(x)), fast) and into == [False, True, True]  # the hooks, left, are idle
+        # a loop of the caller's own, which keeps every layer's input: nothing it holds is written
+        into.clear()
+        hidden = [out.hidden_states[0]]
+        for layer in layers:
+            hidden.append(layer(hidden[-1], None))
+        assert into == [False] * 3
+        assert all(torch.equal(a, b) for a, b in zip(hidden, out.hidden_states))
+    into.clear()
+    with torch.enable_grad():
+        model(x)
+    assert into == [False] * 3
+
+
+class Loop(torch.nn.Module):
+    """A module of the caller's own whose forward is a rebinding loop over the model's layer list."""
+
+    def __init__(self, layers: torch.nn.ModuleList):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h)
+        return h
+
+
+class Keep(torch.nn.Module):
+    """Hands its input on, and keeps it (and a copy)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.held, self.copy = h, h.clone()
+        return h
+
+
+def test_a_rebinding_loop_writes_in_place_only_what_the_layer_before_it_in_that_list_just_made(monkeypatch):
+    model = vitidle.convert(dense_model("vit"), keep=0.5)
+    layers = model.vit.layers
+    h = torch.randn(3, 17, 32)
+    into = merges(monkeypatch)
+    with torch.no_grad():
+        want = Loop(layers)(h)
+        assert into == [False, True, True]
+        into.clear()  # another order: in place only where the list's previous layer made the input
+        shuffled = torch.nn.ModuleList([layers[0], layers[2], layers[1], layers[3]])
+        got = Loop(shuffled)(h)
+        assert into == [False, False, True]
+        monkeypatch.setattr(hf, "_owns_input", lambda *args: False)
+        assert torch.equal(got, Loop(shuffled)(h))
+        monkeypatch.undo()
+        into = merges(monkeypatch)
+        keep = Keep()  # between two idle layers, at another index than theirs: holds what layer 1 made
+        Loop(torch.nn.ModuleList([layers[0], layers[1], keep, layers[2], layers[3]]))(h)
+        assert into == [False, False, False] and torch.equal(keep.held, keep.copy)
+        into.clear()
+        kept = layers[1](layers[0](h))  # a patched forward that hands on a tensor the caller holds
+        held = kept.clone()
+        layers[1].forward = lambda h, *args, **kwargs: kept
+        Loop(layers)(h)
+        assert into == [False, False, True] and torch.equal(kept, held)  # (layer 3 writes what layer 2 made)
+
+
+REBINDING = "for layer in self.layers:\n    h = layer(h, mask)"
+
+
+@pytest.mark.parametrize("body,found", [
+    (REBINDING, True),
+    ("for layer in self.layers:\n    h = layer(\n        h,\n        mask=mask,\n    )", True),
+    (REBINDING + "\n    seen.append(h)", False),  # a second statement may keep the input
+    ("for layer in self.layers:\n    out = layer(h, mask)", False),  # h still holds the input
+    ("for layer in self.layers:\n    h = layer(h, h.shape)", False),  # another argument reads it
+    ("for layer in self.layers:\n    h = layer(h, kept(h))", False),
+    ("for layer in layers:\n    h = layer(h, mask)", False),  # not a list of self's
+    ("for layer in self.layers:\n    h = other(h, mask)", False),
+    (REBINDING + "\nelse:\n    seen.append(h)", False),
+    ("def inner(h):\n    " + REBINDING.replace("\n", "\n    ") + "\n    return h", False),  # another function's
+])
+def test_a_call_counts_as_rebinding_only_if_its_loop_passes_each_output_straight_on(body, found, tmp_path):
+    source = ("class Owner:\n    def forward(self, h, mask, layers, seen, other, kept):\n        \"\"\"Doc\nstring.\"\"\"\n"
+              + "".join(f"        {line}\n" for line in body.splitlines()) + "        return h\n")
+    path = tmp_path / "owner.py"
+    path.write_text(source)
+    namespace = {}
+    exec(compile(source, str(path), "exec"), namespace)
+    calls = hf._find_rebinding_calls(namespace["Owner"].forward.__code__)
+    assert list(calls.values()) == (["layers"] if found else [])
+
+
 @pytest.mark.parametrize("name", ["vit", "deit"])
 def test_save_load_and_the_dense_class_reads_the_weights(tmp_path, name):
     dense = dense_model(name)

@@ -22,11 +22,16 @@ are unchanged. Discovery is structural, with no model names:
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import dis
 import functools
+import inspect
 import os
 import sys
+import types
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +43,8 @@ from torch import Tensor, nn
 from .engine.discover import evaluating, input_size, sample_input
 from .errors import (CheckpointError, ConversionError, UnsupportedModelError, UsageError, WeightsUnavailableError,
                      first_line)
-from .idle import PER_TOKEN_NORMS, SELECTOR, TokenSelector, gather_tokens, merge_tokens, submodule
+from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _untraced, gather_tokens, merge_tokens,
+                   submodule)
 
 HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
@@ -240,8 +246,10 @@ class Swapped:
     vitidle_base: type  # the dense class
 
     def __reduce_ex__(self, protocol):
-        # generated classes are not importable: pickle as (mixin, dense class, state) and regenerate on loading
-        return _restore_layer, (self.vitidle_base, _mixin_of(type(self))), self.__dict__.copy()
+        # generated classes are not importable: pickle as (mixin, dense class, state) and regenerate on loading;
+        # an idle layer's last output (`vitidle_made`, a weak reference) is not state
+        state = {k: v for k, v in self.__dict__.items() if k != "vitidle_made"}
+        return _restore_layer, (self.vitidle_base, _mixin_of(type(self))), state
 
 
 class IdleLayer(Swapped):
@@ -272,7 +280,10 @@ class IdleLayer(Swapped):
             if reuse:
                 norm.__dict__["vitidle_given"] = None
         y = out[0] if isinstance(out, tuple) else out  # B, P + K, C
-        merged = merge_tokens(x, rows, y)
+        plain = type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
+        merged = merge_tokens(x, rows, y, into_x=plain and _owns_input(self, x, norm))
+        if plain:  # what `_owns_input` asks of the next layer's input
+            self.__dict__["vitidle_made"] = weakref.ref(merged)
         return (merged, *out[1:]) if isinstance(out, tuple) else merged
 
 
@@ -306,6 +317,126 @@ class CountLayer(Swapped):
         attention_mask, *args = (_first_mask(a, n) for a in (attention_mask, *args))
         return self.vitidle_base.forward(self, x, attention_mask, *args, **{k: _first_mask(v, n) for k, v in
                                                                               kwargs.items()})
+
+
+def _owns_input(layer: nn.Module, x: Tensor, norm: nn.Module | None) -> bool:
+    """Whether the idle `layer` may merge its output into its input `x`, saving the copy of all N tokens (as
+    `IdleSequential` lets timm blocks do): only where no one else can read x afterwards.
+
+    That holds when x is what the idle layer just before it returned, in the same run of a loop
+    `for layer in self.layers: h = layer(h, ...)` (`_rebinding_calls`): x was made there, went to `h`
+    alone, and `h` takes this layer's output next. No hook may have seen x (on either layer, the norm, or
+    globally). Anything else (a user's loop, output_hidden_states' hooks, a layer list in another order)
+    copies, as before.
+    """
+    position = layer.__dict__.get("vitidle_position", 0)
+    layers = position > 0 and isinstance(norm, PER_TOKEN_NORMS) and _loop_layers(layer)
+    if not layers or layers._modules.get(str(position)) is not layer:
+        return False
+    before = layers._modules.get(str(position - 1))
+    last = before.__dict__.get("vitidle_made")
+    return (last is not None and last() is x and "forward" not in before.__dict__  # (a patched one may not make x)
+            and not _may_keep(before._forward_hooks, layer._forward_pre_hooks, layer._forward_hooks,
+                              norm._forward_pre_hooks, norm._forward_hooks))
+
+
+def _may_keep(*hooks: dict) -> bool:
+    """Whether any of these module hooks, or a global one, may keep the tensor it sees. transformers' output
+    capturing hooks (installed by a first `output_hidden_states=True`, then left) keep nothing unless the
+    forward collects outputs."""
+    if _global_hooks():
+        return True
+    collector = _output_collector()
+    for hook in (hook for found in hooks for hook in found.values()):
+        if collector is None or collector.get() or (getattr(hook, "__module__", None),
+                                                    getattr(hook, "__name__", None)) != CAPTURING_HOOK:
+            return True
+    return False
+
+
+def _loop_layers(layer: nn.Module) -> nn.ModuleList | None:
+    """The ModuleList that a rebinding loop (`_rebinding_calls`) is calling `layer` from, found on the call
+    stack; None if the caller is anything else."""
+    wrappers = _call_wrappers(type(layer))
+    frame = sys._getframe(3)  # (0: this, 1: _owns_input, 2: the idle layer's forward)
+    while frame is not None and id(frame.f_code) in wrappers:
+        frame = frame.f_back
+    name = None if frame is None else _rebinding_calls(frame.f_code).get(frame.f_lasti)
+    if name is None:
+        return None
+    owner = frame.f_locals.get("self")
+    # `self.NAME` found among the owner's modules, not as an attribute or a property of its own
+    if not isinstance(owner, nn.Module) or name in owner.__dict__ or hasattr(type(owner), name):
+        return None
+    layers = owner._modules.get(name)
+    return layers if type(layers) is nn.ModuleList else None
+
+
+@functools.cache
+def _call_wrappers(cls: type) -> frozenset[int]:
+    """The ids of the code of the functions between a loop's `layer(h)` and an idle layer's forward: nn.Module's
+    call (with the function it defines to run hooks), and the wrappers of the class's forward (transformers'
+    gradient checkpointing one). Ids, as a code object hashes all its bytecode; the functions stay alive."""
+    codes = [nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__]
+    codes += [c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)]
+    forward = cls.forward
+    while forward is not None:
+        codes.append(forward.__code__)
+        forward = getattr(forward, "__wrapped__", None)
+    return frozenset(map(id, codes))
+
+
+_CALLS: dict[int, tuple[types.CodeType, dict[int, str]]] = {}  # id(code) -> (code, its rebinding calls)
+
+
+def _rebinding_calls(code: types.CodeType) -> dict[int, str]:
+    """`_find_rebinding_calls` of a function's code, found once (kept by id, as the code may be large to hash)."""
+    known = _CALLS.get(id(code))
+    if known is None or known[0] is not code:
+        known = _CALLS[id(code)] = (code, _find_rebinding_calls(code))
+    return known[1]
+
+
+def _find_rebinding_calls(code: types.CodeType) -> dict[int, str]:
+    """The calls of the loops `for layer in self.NAME: h = layer(h, ...)` in a function, as {bytecode offset of
+    the call: NAME}. The loop body is that one statement and `h` is in no other argument: each layer's input
+    is read by that layer alone, and `h` then holds its output. Read from the source, then checked against the
+    bytecode (a file edited since import reads differently): a call at the same span, its result stored in `h`."""
+    try:
+        source = inspect.getsource(code)
+        indented = source[:1].isspace()  # a method: parsed inside a block (dedenting would stop at a docstring)
+        tree = ast.parse("if True:\n" + source if indented else source)
+    except (OSError, TypeError, SyntaxError):  # no source (a REPL, a compiled or generated function)
+        return {}
+    function = tree.body[0].body[0] if indented else tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return {}
+    lines = code.co_firstlineno - 1 - indented
+    loops, todo = {}, list(function.body)
+    while todo:  # the function's own statements, not those of functions or classes defined in it
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+        if not (isinstance(node, ast.For) and isinstance(node.target, ast.Name) and len(node.body) == 1
+                and not node.orelse and isinstance(node.iter, ast.Attribute)
+                and isinstance(node.iter.value, ast.Name) and node.iter.value.id == "self"):
+            continue
+        step, layer = node.body[0], node.target.id
+        call = step.value if isinstance(step, ast.Assign) else None
+        if not (isinstance(call, ast.Call) and len(step.targets) == 1 and isinstance(step.targets[0], ast.Name)
+                and isinstance(call.func, ast.Name) and call.func.id == layer and call.args
+                and isinstance(call.args[0], ast.Name) and call.args[0].id == step.targets[0].id != layer):
+            continue
+        h = call.args[0].id
+        others = [*call.args[1:], *(k.value for k in call.keywords)]
+        if not any(isinstance(n, ast.Name) and n.id == h for arg in others for n in ast.walk(arg)):
+            span = (call.lineno + lines, call.end_lineno + lines, call.col_offset, call.end_col_offset)
+            loops[span] = (node.iter.attr, h)
+    instructions = list(dis.get_instructions(code))
+    return {ins.offset: loops[tuple(ins.positions)][0] for ins, after in zip(instructions, instructions[1:])
+            if ins.opname.startswith("CALL") and tuple(ins.positions) in loops
+            and after.opname == "STORE_FAST" and after.argval == loops[tuple(ins.positions)][1]}
 
 
 MIXINS = {m.__name__: m for m in (IdleLayer, ReusedNorm, CountLayer)}
@@ -350,6 +481,9 @@ def _output_collector() -> Any:
     except ImportError:
         return None
     return _active_collector
+
+
+CAPTURING_HOOK = ("transformers.utils.output_capturing", "output_capturing_hook")  # (module, name) in 5.x
 
 
 def _refuse_attention_maps() -> None:
@@ -400,6 +534,7 @@ def apply_plan(model: nn.Module, layout: HFLayout, plan) -> nn.Module:
                                  layout.query)
         layer.add_module(SELECTOR, selector.train(layer.training))
         layer.vitidle_layer = paths
+        layer.vitidle_position = int(name.rsplit(".", 1)[-1])  # in its ModuleList (`_owns_input`)
         swap(layer, IdleLayer)
         norm = None if paths.norm is None else layer.get_submodule(paths.norm)
         if paths.reuse_norm and not isinstance(norm, ReusedNorm):
