@@ -1,7 +1,9 @@
 """Hugging Face transformers ViTs: the same guarantees as timm, on tiny configs built in code (no downloads)."""
 
 import copy
+import functools
 import json
+import linecache
 import pickle
 import time
 
@@ -233,23 +235,70 @@ def test_a_rebinding_loop_writes_in_place_only_what_the_layer_before_it_in_that_
     with torch.no_grad():
         want = Loop(layers)(h)
         assert into == [False, True, True]
-        into.clear()  # another order: in place only where the list's previous layer made the input
+        into.clear()  # another order: in place wherever the list's previous layer made the input
         shuffled = torch.nn.ModuleList([layers[0], layers[2], layers[1], layers[3]])
         got = Loop(shuffled)(h)
-        assert into == [False, False, True]
+        assert into == [False, True, True]
         monkeypatch.setattr(hf, "_owns_input", lambda *args: False)
         assert torch.equal(got, Loop(shuffled)(h))
         monkeypatch.undo()
         into = merges(monkeypatch)
         keep = Keep()  # between two idle layers, at another index than theirs: holds what layer 1 made
         Loop(torch.nn.ModuleList([layers[0], layers[1], keep, layers[2], layers[3]]))(h)
-        assert into == [False, False, False] and torch.equal(keep.held, keep.copy)
+        assert into == [False, False, True] and torch.equal(keep.held, keep.copy)
+        into.clear()  # a layer twice in the list: which of its places the loop calls it from is unknown
+        Loop(torch.nn.ModuleList([layers[0], layers[1], layers[2], layers[3], keep, layers[3]]))(h)
+        assert into == [False, True, False, False] and torch.equal(keep.held, keep.copy)
         into.clear()
         kept = layers[1](layers[0](h))  # a patched forward that hands on a tensor the caller holds
         held = kept.clone()
         layers[1].forward = lambda h, *args, **kwargs: kept
         Loop(layers)(h)
         assert into == [False, False, True] and torch.equal(kept, held)  # (layer 3 writes what layer 2 made)
+
+
+def test_a_mode_or_a_wrapped_forward_that_may_keep_a_layers_input_turns_the_in_place_merge_off(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):  # keeps every op's output, as an activation recorder does
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.kept.append((out, out.clone()))
+            return out
+
+    model = vitidle.convert(dense_model("vit"), keep=0.5)
+    into, x = merges(monkeypatch), images()
+    with torch.no_grad():
+        with Recorder() as recorder:
+            recorder.kept = []
+            model(x)
+        assert into == [False] * 3 and all(torch.equal(a, b) for a, b in recorder.kept)
+        into.clear()
+        cls = type(model.vit.layers[1])
+        forward, seen = cls.forward, []
+
+        @functools.wraps(forward)
+        def recording(self, h, *args, **kwargs):
+            seen.append((h, h.clone()))
+            return forward(self, h, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", recording)
+        hf._call_wrappers.cache_clear()
+        model(x)
+    hf._call_wrappers.cache_clear()
+    assert into == [False] * 3 and all(torch.equal(a, b) for a, b in seen)
+
+
+def test_a_source_edited_since_import_is_not_trusted(tmp_path):
+    path = tmp_path / "edited.py"
+    ran = "class Owner:\n    def forward(self, h, seen):\n        for layer in self.layers:\n            h = layer(h); seen.append(h)\n"
+    path.write_text(ran)
+    namespace = {}
+    exec(compile(ran, str(path), "exec"), namespace)
+    path.write_text(ran.replace("; seen.append(h)", " " * len("; seen.append(h)")))  # now reads as a rebinding loop
+    linecache.checkcache(str(path))
+    assert hf._find_rebinding_calls(namespace["Owner"].forward.__code__) == {}
 
 
 REBINDING = "for layer in self.layers:\n    h = layer(h, mask)"
@@ -262,6 +311,7 @@ REBINDING = "for layer in self.layers:\n    h = layer(h, mask)"
     ("for layer in self.layers:\n    out = layer(h, mask)", False),  # h still holds the input
     ("for layer in self.layers:\n    h = layer(h, h.shape)", False),  # another argument reads it
     ("for layer in self.layers:\n    h = layer(h, kept(h))", False),
+    ("for layer in self.layers:\n    h = layer(h, (self := other))", False),  # the loop's list may not be self's
     ("for layer in layers:\n    h = layer(h, mask)", False),  # not a list of self's
     ("for layer in self.layers:\n    h = other(h, mask)", False),
     (REBINDING + "\nelse:\n    seen.append(h)", False),

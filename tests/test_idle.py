@@ -241,16 +241,32 @@ def test_selector_follows_the_block_mode():
     assert model.blocks[1].selector.training
 
 
-class InPlaceMerges(TorchDispatchMode):
-    """Counts the merges that write into the block input (index_copy_) instead of a copy (index_copy)."""
+class InPlaceMerges:
+    """Counts the merges that write into the block input (index_copy_) instead of a copy (index_copy), by a
+    spy on the method: under a torch dispatch mode, which may keep tensors, no block writes in place."""
 
-    def __init__(self):
-        super().__init__()
-        self.count = 0
+    def __enter__(self):
+        self.count, method = 0, torch.Tensor.index_copy_
+
+        def counted(tensor, *args):
+            self.count += 1
+            return method(tensor, *args)
+
+        torch.Tensor.index_copy_, self.method = counted, method
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.index_copy_ = self.method
+
+
+class Recorder(TorchDispatchMode):
+    """Keeps every op's tensor output and a copy of it, as an activation recorder does."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket is torch.ops.aten.index_copy_
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.kept.append((out, out.clone()))
+        return out
 
 
 def chained(**kw):
@@ -278,6 +294,14 @@ def test_idle_blocks_write_into_inputs_the_chain_made(batch, norm):
     with InPlaceMerges() as merges:  # autograd may need the inputs: copy
         model(x).sum().backward()
     assert merges.count == 0
+
+
+def test_a_dispatch_mode_sees_tensors_as_they_were_made():
+    model, _ = chained()
+    with torch.no_grad(), InPlaceMerges() as merges, Recorder() as recorder:
+        recorder.kept = []
+        model(torch.randn(2, 3, 64, 64))
+    assert merges.count == 0 and all(torch.equal(out, copy) for out, copy in recorder.kept)
 
 
 def test_the_callers_tensor_is_never_written():

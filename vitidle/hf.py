@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from .engine.discover import evaluating, input_size, sample_input
 from .errors import (CheckpointError, ConversionError, UnsupportedModelError, UsageError, WeightsUnavailableError,
                      first_line)
-from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _untraced, gather_tokens, merge_tokens,
-                   submodule)
+from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _op_modes, _untraced, gather_tokens,
+                   merge_tokens, submodule)
 
 HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
@@ -280,7 +280,8 @@ class IdleLayer(Swapped):
             if reuse:
                 norm.__dict__["vitidle_given"] = None
         y = out[0] if isinstance(out, tuple) else out  # B, P + K, C
-        plain = type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
+        plain = (type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
+                 and not _op_modes())
         merged = merge_tokens(x, rows, y, into_x=plain and _owns_input(self, x, norm))
         if plain:  # what `_owns_input` asks of the next layer's input
             self.__dict__["vitidle_made"] = weakref.ref(merged)
@@ -325,15 +326,20 @@ def _owns_input(layer: nn.Module, x: Tensor, norm: nn.Module | None) -> bool:
 
     That holds when x is what the idle layer just before it returned, in the same run of a loop
     `for layer in self.layers: h = layer(h, ...)` (`_rebinding_calls`): x was made there, went to `h`
-    alone, and `h` takes this layer's output next. No hook may have seen x (on either layer, the norm, or
-    globally). Anything else (a user's loop, output_hidden_states' hooks, a layer list in another order)
-    copies, as before.
+    alone, and `h` takes this layer's output next. The layer is once in the list; nothing but torch's and
+    transformers' call wrappers runs between the loop and its forward; no hook may have seen x (on either
+    layer, the norm, or globally); the norm is a plain one (which keeps nothing). Anything else (a user's
+    loop, output_hidden_states' hooks, a layer list in another order) copies, as before.
     """
-    position = layer.__dict__.get("vitidle_position", 0)
-    layers = position > 0 and isinstance(norm, PER_TOKEN_NORMS) and _loop_layers(layer)
-    if not layers or layers._modules.get(str(position)) is not layer:
+    plain_norm = type(norm) in PER_TOKEN_NORMS or (isinstance(norm, ReusedNorm) and norm.vitidle_base in PER_TOKEN_NORMS)
+    layers = plain_norm and _loop_layers(layer)
+    if not layers:
         return False
-    before = layers._modules.get(str(position - 1))
+    modules = list(layers._modules.values())  # in the loop's order
+    at = [i for i, m in enumerate(modules) if m is layer]
+    if len(at) != 1 or at[0] == 0:
+        return False
+    before = modules[at[0] - 1]
     last = before.__dict__.get("vitidle_made")
     return (last is not None and last() is x and "forward" not in before.__dict__  # (a patched one may not make x)
             and not _may_keep(before._forward_hooks, layer._forward_pre_hooks, layer._forward_hooks,
@@ -374,16 +380,25 @@ def _loop_layers(layer: nn.Module) -> nn.ModuleList | None:
 
 @functools.cache
 def _call_wrappers(cls: type) -> frozenset[int]:
-    """The ids of the code of the functions between a loop's `layer(h)` and an idle layer's forward: nn.Module's
-    call (with the function it defines to run hooks), and the wrappers of the class's forward (transformers'
-    gradient checkpointing one). Ids, as a code object hashes all its bytecode; the functions stay alive."""
-    codes = [nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__]
-    codes += [c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)]
-    forward = cls.forward
+    """The ids of the code that may run between a loop's `layer(h)` and an idle layer's forward: torch's
+    nn.Module call (with the function it defines to run hooks) and transformers' gradient checkpointing
+    wrapper of the class's forward, each from its own file. Empty if the class's forward is anything else
+    (a patch or a subclass, which may keep the input). Ids, as a code object hashes all its bytecode."""
+    chain, forward = [], cls.forward
     while forward is not None:
-        codes.append(forward.__code__)
+        chain.append(forward.__code__)
         forward = getattr(forward, "__wrapped__", None)
-    return frozenset(map(id, codes))
+    call = [nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__]
+    call += [c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)]
+    known = (all(_defined_in(code, "torch/nn/modules/module.py") for code in call)
+             and chain[-1] is IdleLayer.forward.__code__
+             and all(code.co_name == "forward_with_checkpointing" and _defined_in(code, "transformers/modeling_layers.py")
+                     for code in chain[:-1]))
+    return frozenset(map(id, [*call, *chain])) if known else frozenset()
+
+
+def _defined_in(code: types.CodeType, path: str) -> bool:
+    return code.co_filename.replace("\\", "/").endswith(path)
 
 
 _CALLS: dict[int, tuple[types.CodeType, dict[int, str]]] = {}  # id(code) -> (code, its rebinding calls)
@@ -393,6 +408,8 @@ def _rebinding_calls(code: types.CodeType) -> dict[int, str]:
     """`_find_rebinding_calls` of a function's code, found once (kept by id, as the code may be large to hash)."""
     known = _CALLS.get(id(code))
     if known is None or known[0] is not code:
+        if len(_CALLS) > 1024:  # (callers made on the fly, by exec)
+            _CALLS.clear()
         known = _CALLS[id(code)] = (code, _find_rebinding_calls(code))
     return known[1]
 
@@ -429,14 +446,35 @@ def _find_rebinding_calls(code: types.CodeType) -> dict[int, str]:
                 and isinstance(call.args[0], ast.Name) and call.args[0].id == step.targets[0].id != layer):
             continue
         h = call.args[0].id
-        others = [*call.args[1:], *(k.value for k in call.keywords)]
-        if not any(isinstance(n, ast.Name) and n.id == h for arg in others for n in ast.walk(arg)):
+        others = [n for arg in [*call.args[1:], *(k.value for k in call.keywords)] for n in ast.walk(arg)]
+        if not any(isinstance(n, ast.NamedExpr) or isinstance(n, ast.Name) and n.id == h for n in others):
             span = (call.lineno + lines, call.end_lineno + lines, call.col_offset, call.end_col_offset)
-            loops[span] = (node.iter.attr, h)
-    instructions = list(dis.get_instructions(code))
-    return {ins.offset: loops[tuple(ins.positions)][0] for ins, after in zip(instructions, instructions[1:])
-            if ins.opname.startswith("CALL") and tuple(ins.positions) in loops
-            and after.opname == "STORE_FAST" and after.argval == loops[tuple(ins.positions)][1]}
+            loops[span] = (node.iter.attr, layer, h)
+    found = {}
+    code_ = list(dis.get_instructions(code))
+    at = {ins.offset: k for k, ins in enumerate(code_)}
+    for k, ins in enumerate(code_[:-2]):
+        span = tuple(ins.positions) if ins.opname.startswith("CALL") else None
+        if span not in loops:
+            continue
+        name, layer, h = loops[span]
+        store, jump = code_[k + 1], code_[k + 2]
+        start = at.get(jump.argval) if jump.opname.startswith("JUMP_BACKWARD") else None
+        # the bytecode's loop: FOR_ITER, `layer =`, then only the call's own code, `h =`, and back to FOR_ITER
+        if (start is not None and code_[start].opname == "FOR_ITER" and _stores(code_[start + 1], layer)
+                and _stores(store, h) and all(_within(i.positions, span) for i in code_[start + 2:k])):
+            found[ins.offset] = name
+    return found
+
+
+def _stores(ins: dis.Instruction, name: str) -> bool:
+    return ins.opname == "STORE_FAST" and ins.argval == name
+
+
+def _within(positions, span: tuple) -> bool:
+    first, last, col, end_col = span
+    p = positions
+    return None not in p and (p.lineno, p.col_offset) >= (first, col) and (p.end_lineno, p.end_col_offset) <= (last, end_col)
 
 
 MIXINS = {m.__name__: m for m in (IdleLayer, ReusedNorm, CountLayer)}
@@ -534,7 +572,6 @@ def apply_plan(model: nn.Module, layout: HFLayout, plan) -> nn.Module:
                                  layout.query)
         layer.add_module(SELECTOR, selector.train(layer.training))
         layer.vitidle_layer = paths
-        layer.vitidle_position = int(name.rsplit(".", 1)[-1])  # in its ModuleList (`_owns_input`)
         swap(layer, IdleLayer)
         norm = None if paths.norm is None else layer.get_submodule(paths.norm)
         if paths.reuse_norm and not isinstance(norm, ReusedNorm):

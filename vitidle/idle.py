@@ -366,7 +366,7 @@ class IdleSequential(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         # torch.compile plans its own buffers, and cannot trace `_observed`
         reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or isinstance(x, fx.Proxy) or _global_hooks())
+                     or isinstance(x, fx.Proxy) or _global_hooks() or _op_modes())
         made_by = None  # the idle block that made x in this loop
         for block in self:
             idle = isinstance(block._modules.get(SELECTOR), TokenSelector)
@@ -384,6 +384,12 @@ def _observed(made_by: nn.Module, block: nn.Module) -> bool:
     if not all(isinstance(m, (*PER_TOKEN_NORMS, TokenSelector)) for m in readers):  # another module may keep it
         return True
     return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in [block, *readers])
+
+
+def _op_modes() -> bool:
+    """Whether a torch function or dispatch mode is on: it sees every op's output and may keep it (an
+    activation recorder), so no block may write into one."""
+    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
 
 
 def _global_hooks() -> bool:
