@@ -5,6 +5,7 @@ import functools
 import json
 import linecache
 import pickle
+import sys
 import time
 
 import pytest
@@ -286,19 +287,44 @@ def test_a_mode_or_a_wrapped_forward_that_may_keep_a_layers_input_turns_the_in_p
         monkeypatch.setattr(cls, "forward", recording)
         hf._call_wrappers.cache_clear()
         model(x)
-    hf._call_wrappers.cache_clear()
-    assert into == [False] * 3 and all(torch.equal(a, b) for a, b in seen)
+        hf._call_wrappers.cache_clear()
+        assert into == [False] * 3 and all(torch.equal(a, b) for a, b in seen)
+        monkeypatch.undo()
+        into, seen = merges(monkeypatch), []
+        norm = model.vit.layers[2].layernorm_before  # a probe on the norm's instance: it sees the input
+        norm.forward = lambda h, forward=norm.forward: (seen.append((h, h.clone())), forward(h))[1]
+        model(x)
+        assert into == [False, False, True] and all(torch.equal(a, b) for a, b in seen)
+        del norm.forward
+        into.clear()
+        sys.setprofile(lambda *args: None)  # a profile or trace function sees every return value
+        try:
+            model(x)
+        finally:
+            sys.setprofile(None)
+        assert into == [False] * 3
+        into.clear()  # what keeps nothing leaves it on: torch.device's mode, a layer's own bound forward
+        layers_of(model)[1].forward = layers_of(model)[1].forward  # (as accelerate leaves it after its hooks)
+        with torch.device("cpu"):
+            model(x)
+        assert into == [False, True, True]
 
 
-def test_a_source_edited_since_import_is_not_trusted(tmp_path):
+@pytest.mark.parametrize("ran,reads", [
+    ("h = layer(h); seen.append(h)", "h = layer(h)                 "),
+    ("h = layer(h, keep(h))", "h = layer(h, mask_xy)"),  # the same span, other names
+])
+def test_a_source_edited_since_import_is_not_trusted(ran, reads, tmp_path):
     path = tmp_path / "edited.py"
-    ran = "class Owner:\n    def forward(self, h, seen):\n        for layer in self.layers:\n            h = layer(h); seen.append(h)\n"
-    path.write_text(ran)
+    source = "class Owner:\n    def forward(self, h, seen, keep, mask_xy):\n        for layer in self.layers:\n            {}\n"
+    path.write_text(source.format(ran))
     namespace = {}
-    exec(compile(ran, str(path), "exec"), namespace)
-    path.write_text(ran.replace("; seen.append(h)", " " * len("; seen.append(h)")))  # now reads as a rebinding loop
+    exec(compile(source.format(ran), str(path), "exec"), namespace)
+    path.write_text(source.format(reads))  # now reads as a rebinding loop
     linecache.checkcache(str(path))
     assert hf._find_rebinding_calls(namespace["Owner"].forward.__code__) == {}
+    exec(compile(source.format(reads), str(path), "exec"), namespace)  # as it reads, it is one
+    assert list(hf._find_rebinding_calls(namespace["Owner"].forward.__code__).values()) == ["layers"]
 
 
 REBINDING = "for layer in self.layers:\n    h = layer(h, mask)"

@@ -352,7 +352,7 @@ class KeepInput(nn.Module):
         return self.inner(x)
 
 
-@pytest.mark.parametrize("change", ["norm swapped for a module", "forward patched"])
+@pytest.mark.parametrize("change", ["norm swapped for a module", "forward patched", "norm's forward patched"])
 def test_a_changed_block_sees_tensors_as_they_were_made(change):
     model, plain = chained()
     x = torch.randn(2, 3, 64, 64)
@@ -362,6 +362,10 @@ def test_a_changed_block_sees_tensors_as_they_were_made(change):
         if change == "norm swapped for a module":
             block.norm1 = KeepInput(block.norm1)
             run = lambda: block.norm1.kept  # noqa: E731
+        elif change == "norm's forward patched":
+            inputs, forward = [], block.norm1.forward
+            block.norm1.forward = lambda t: (inputs.append(t), forward(t))[1]
+            run = lambda inputs=inputs: inputs[0]  # noqa: E731
         else:
             inputs, forward = [], block.forward
             block.forward = lambda t: (inputs.append(t), forward(t))[1]

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from .engine.discover import evaluating, input_size, sample_input
 from .errors import (CheckpointError, ConversionError, UnsupportedModelError, UsageError, WeightsUnavailableError,
                      first_line)
-from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _op_modes, _untraced, gather_tokens,
-                   merge_tokens, submodule)
+from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _observers, _patched, _untraced,
+                   gather_tokens, merge_tokens, submodule)
 
 HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
@@ -281,7 +281,7 @@ class IdleLayer(Swapped):
                 norm.__dict__["vitidle_given"] = None
         y = out[0] if isinstance(out, tuple) else out  # B, P + K, C
         plain = (type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
-                 and not _op_modes())
+                 and not _observers())
         merged = merge_tokens(x, rows, y, into_x=plain and _owns_input(self, x, norm))
         if plain:  # what `_owns_input` asks of the next layer's input
             self.__dict__["vitidle_made"] = weakref.ref(merged)
@@ -341,7 +341,9 @@ def _owns_input(layer: nn.Module, x: Tensor, norm: nn.Module | None) -> bool:
         return False
     before = modules[at[0] - 1]
     last = before.__dict__.get("vitidle_made")
-    return (last is not None and last() is x and "forward" not in before.__dict__  # (a patched one may not make x)
+    # before's class is the layer's, whose forward `_loop_layers` checked; no forward patched on an instance
+    return (last is not None and last() is x and type(before) is type(layer)
+            and not (_patched(before) or _patched(layer) or _patched(norm))
             and not _may_keep(before._forward_hooks, layer._forward_pre_hooks, layer._forward_hooks,
                               norm._forward_pre_hooks, norm._forward_hooks))
 
@@ -385,13 +387,13 @@ def _call_wrappers(cls: type) -> frozenset[int]:
     wrapper of the class's forward, each from its own file. Empty if the class's forward is anything else
     (a patch or a subclass, which may keep the input). Ids, as a code object hashes all its bytecode."""
     chain, forward = [], cls.forward
-    while forward is not None:
-        chain.append(forward.__code__)
+    while forward is not None and len(chain) < 8:
+        chain.append(getattr(forward, "__code__", None))
         forward = getattr(forward, "__wrapped__", None)
     call = [nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__]
     call += [c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)]
     known = (all(_defined_in(code, "torch/nn/modules/module.py") for code in call)
-             and chain[-1] is IdleLayer.forward.__code__
+             and chain[-1] is IdleLayer.forward.__code__ and forward is None
              and all(code.co_name == "forward_with_checkpointing" and _defined_in(code, "transformers/modeling_layers.py")
                      for code in chain[:-1]))
     return frozenset(map(id, [*call, *chain])) if known else frozenset()
@@ -418,7 +420,11 @@ def _find_rebinding_calls(code: types.CodeType) -> dict[int, str]:
     """The calls of the loops `for layer in self.NAME: h = layer(h, ...)` in a function, as {bytecode offset of
     the call: NAME}. The loop body is that one statement and `h` is in no other argument: each layer's input
     is read by that layer alone, and `h` then holds its output. Read from the source, then checked against the
-    bytecode (a file edited since import reads differently): a call at the same span, its result stored in `h`."""
+    running bytecode (a file edited since import reads differently): the loop compiles from the source to the
+    same instructions, and they are FOR_ITER, `layer =`, the call's own code, `h =`, back to FOR_ITER. Python
+    3.11 or later (instruction positions), else none."""
+    if "positions" not in dis.Instruction._fields:
+        return {}
     try:
         source = inspect.getsource(code)
         indented = source[:1].isspace()  # a method: parsed inside a block (dedenting would stop at a docstring)
@@ -449,22 +455,47 @@ def _find_rebinding_calls(code: types.CodeType) -> dict[int, str]:
         others = [n for arg in [*call.args[1:], *(k.value for k in call.keywords)] for n in ast.walk(arg)]
         if not any(isinstance(n, ast.NamedExpr) or isinstance(n, ast.Name) and n.id == h for n in others):
             span = (call.lineno + lines, call.end_lineno + lines, call.col_offset, call.end_col_offset)
-            loops[span] = (node.iter.attr, layer, h)
+            loops[span] = (node.iter.attr, layer, h, (node.lineno + lines, node.end_lineno + lines,
+                                                      node.col_offset, node.end_col_offset))
+    if not loops:
+        return {}
+    ast.increment_lineno(tree, lines)  # as in the file
+    compiled = _code_named(compile(tree, code.co_filename, "exec", dont_inherit=True), code)
+    fresh = [] if compiled is None else list(dis.get_instructions(compiled))
     found = {}
-    code_ = list(dis.get_instructions(code))
-    at = {ins.offset: k for k, ins in enumerate(code_)}
-    for k, ins in enumerate(code_[:-2]):
+    live = list(dis.get_instructions(code))
+    at = {ins.offset: k for k, ins in enumerate(live)}
+    for k, ins in enumerate(live[:-2]):
         span = tuple(ins.positions) if ins.opname.startswith("CALL") else None
         if span not in loops:
             continue
-        name, layer, h = loops[span]
-        store, jump = code_[k + 1], code_[k + 2]
+        name, layer, h, loop = loops[span]
+        store, jump = live[k + 1], live[k + 2]
         start = at.get(jump.argval) if jump.opname.startswith("JUMP_BACKWARD") else None
-        # the bytecode's loop: FOR_ITER, `layer =`, then only the call's own code, `h =`, and back to FOR_ITER
-        if (start is not None and code_[start].opname == "FOR_ITER" and _stores(code_[start + 1], layer)
-                and _stores(store, h) and all(_within(i.positions, span) for i in code_[start + 2:k])):
+        # the loop runs as its source compiles, and as FOR_ITER, `layer =`, the call's own code, `h =`, back
+        if (start is not None and live[start].opname == "FOR_ITER" and _stores(live[start + 1], layer)
+                and _stores(store, h) and all(_within(i.positions, span) for i in live[start + 2:k])
+                and _shape(live, loop) == _shape(fresh, loop)):
             found[ins.offset] = name
     return found
+
+
+def _code_named(module: types.CodeType, like: types.CodeType) -> types.CodeType | None:
+    """The function code compiled into `module` that has `like`'s name and first line."""
+    for const in module.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_name == like.co_name and const.co_firstlineno == like.co_firstlineno:
+                return const
+            found = _code_named(const, like)
+            if found is not None:
+                return found
+    return None
+
+
+def _shape(instructions: list, span: tuple) -> list:
+    """The instructions of a source span, by name and argument (jump targets aside)."""
+    return [(i.opname, None if i.opcode in dis.hasjrel or i.opcode in dis.hasjabs else i.argval)
+            for i in instructions if _within(i.positions, span)]
 
 
 def _stores(ins: dis.Instruction, name: str) -> bool:

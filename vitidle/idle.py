@@ -9,6 +9,7 @@ is safe.
 from __future__ import annotations
 
 import functools
+import sys
 from contextlib import nullcontext
 from typing import Callable, NamedTuple, TypeVar
 
@@ -18,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as torch_module
+from torch.utils._device import DeviceContext
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .errors import UsageError
@@ -366,7 +368,7 @@ class IdleSequential(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         # torch.compile plans its own buffers, and cannot trace `_observed`
         reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or isinstance(x, fx.Proxy) or _global_hooks() or _op_modes())
+                     or isinstance(x, fx.Proxy) or _global_hooks() or _observers())
         made_by = None  # the idle block that made x in this loop
         for block in self:
             idle = isinstance(block._modules.get(SELECTOR), TokenSelector)
@@ -377,19 +379,33 @@ class IdleSequential(nn.Sequential):
 
 def _observed(made_by: nn.Module, block: nn.Module) -> bool:
     """Whether anything besides the two blocks' graphs may see the tensor one makes and the other reads."""
-    if "forward" in made_by.__dict__ or "forward" in block.__dict__:  # a patched forward may keep it
-        return True
     x = next(iter(block.graph.nodes))  # the input's placeholder in the rewritten block
     readers = [submodule(block, n.target) for n in x.users if n.op == "call_module"]
     if not all(isinstance(m, (*PER_TOKEN_NORMS, TokenSelector)) for m in readers):  # another module may keep it
         return True
+    if any(map(_patched, [made_by, block, *readers])):  # a patched forward may keep it
+        return True
     return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in [block, *readers])
 
 
-def _op_modes() -> bool:
-    """Whether a torch function or dispatch mode is on: it sees every op's output and may keep it (an
-    activation recorder), so no block may write into one."""
-    return bool(torch._C._len_torch_function_stack() or torch._C._len_torch_dispatch_stack())
+def _patched(module: nn.Module) -> bool:
+    """Whether the module's forward is replaced on the instance (accelerate's hooks, a probe); a bound forward
+    of its own class, as accelerate leaves after removing its hooks, is not."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and not (getattr(forward, "__self__", None) is module
+                                        and getattr(forward, "__func__", None) is type(module).forward)
+
+
+def _observers() -> bool:
+    """Whether anything may see and keep every op's output, so that no block may write into one: a torch
+    function or dispatch mode (an activation recorder; `torch.device(...)`'s mode keeps nothing) or a Python
+    trace or profile function (it sees each function's return value)."""
+    if torch._C._len_torch_dispatch_stack() or sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    if any(sys.monitoring.get_tool(i) for i in range(6)) if hasattr(sys, "monitoring") else False:
+        return True
+    return not all(isinstance(torch._C._get_function_stack_at(i), DeviceContext)
+                   for i in range(torch._C._len_torch_function_stack()))
 
 
 def _global_hooks() -> bool:
