@@ -331,7 +331,7 @@ def _owns_input(layer: nn.Module, x: Tensor, norm: nn.Module | None) -> bool:
     layer, the norm, or globally); the norm is a plain one (which keeps nothing). Anything else (a user's
     loop, output_hidden_states' hooks, a layer list in another order) copies, as before.
     """
-    plain_norm = type(norm) in PER_TOKEN_NORMS or (isinstance(norm, ReusedNorm) and norm.vitidle_base in PER_TOKEN_NORMS)
+    plain_norm = type(norm) in PER_TOKEN_NORMS or isinstance(norm, ReusedNorm) and norm.vitidle_base in PER_TOKEN_NORMS
     layers = plain_norm and _loop_layers(layer)
     if not layers:
         return False
@@ -392,9 +392,10 @@ def _call_wrappers(cls: type) -> frozenset[int]:
         forward = getattr(forward, "__wrapped__", None)
     call = [nn.Module._wrapped_call_impl.__code__, nn.Module._call_impl.__code__]
     call += [c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType)]
+    wrapper = ("forward_with_checkpointing", "transformers/modeling_layers.py")
     known = (all(_defined_in(code, "torch/nn/modules/module.py") for code in call)
              and chain[-1] is IdleLayer.forward.__code__ and forward is None
-             and all(code.co_name == "forward_with_checkpointing" and _defined_in(code, "transformers/modeling_layers.py")
+             and all(code is not None and code.co_name == wrapper[0] and _defined_in(code, wrapper[1])
                      for code in chain[:-1]))
     return frozenset(map(id, [*call, *chain])) if known else frozenset()
 
@@ -502,10 +503,10 @@ def _stores(ins: dis.Instruction, name: str) -> bool:
     return ins.opname == "STORE_FAST" and ins.argval == name
 
 
-def _within(positions, span: tuple) -> bool:
+def _within(p: dis.Positions, span: tuple) -> bool:
     first, last, col, end_col = span
-    p = positions
-    return None not in p and (p.lineno, p.col_offset) >= (first, col) and (p.end_lineno, p.end_col_offset) <= (last, end_col)
+    return None not in p and (p.lineno, p.col_offset) >= (first, col) and (p.end_lineno, p.end_col_offset) <= (
+        last, end_col)
 
 
 MIXINS = {m.__name__: m for m in (IdleLayer, ReusedNorm, CountLayer)}

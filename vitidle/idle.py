@@ -402,7 +402,8 @@ def _observers() -> bool:
     trace or profile function (it sees each function's return value)."""
     if torch._C._len_torch_dispatch_stack() or sys.gettrace() is not None or sys.getprofile() is not None:
         return True
-    if any(sys.monitoring.get_tool(i) for i in range(6)) if hasattr(sys, "monitoring") else False:
+    monitoring = getattr(sys, "monitoring", None)  # (Python 3.12: coverage's and debuggers' events)
+    if monitoring is not None and any(monitoring.get_tool(i) is not None for i in range(6)):
         return True
     return not all(isinstance(torch._C._get_function_stack_at(i), DeviceContext)
                    for i in range(torch._C._len_torch_function_stack()))
