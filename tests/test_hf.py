@@ -259,14 +259,7 @@ def test_a_rebinding_loop_writes_in_place_only_what_the_layer_before_it_in_that_
 
 
 def test_a_mode_or_a_wrapped_forward_that_may_keep_a_layers_input_turns_the_in_place_merge_off(monkeypatch):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Recorder(TorchDispatchMode):  # keeps every op's output, as an activation recorder does
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor):
-                self.kept.append((out, out.clone()))
-            return out
+    from test_idle import Recorder  # keeps every op's output, as an activation recorder does
 
     model = vitidle.convert(dense_model("vit"), keep=0.5)
     into, x = merges(monkeypatch), images()

@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from .engine.discover import evaluating, input_size, sample_input
 from .errors import (CheckpointError, ConversionError, UnsupportedModelError, UsageError, WeightsUnavailableError,
                      first_line)
-from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _global_hooks, _observers, _patched, _untraced,
-                   gather_tokens, merge_tokens, submodule)
+from .idle import (PER_TOKEN_NORMS, SELECTOR, TokenSelector, _patched, gather_tokens, merge_tokens, submodule,
+                   unobserved_eager)
 
 HF_CONFIG = "config.json"  # written beside vitidle.json: from_pretrained(folder) of the dense class reads the folder
 PREFIX = "hf:"  # `vitidle convert --model hf:org/name` (the hub) or `hf:./folder` (a save_pretrained folder)
@@ -280,8 +280,7 @@ class IdleLayer(Swapped):
             if reuse:
                 norm.__dict__["vitidle_given"] = None
         y = out[0] if isinstance(out, tuple) else out  # B, P + K, C
-        plain = (type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
-                 and not _observers())
+        plain = unobserved_eager(x)
         merged = merge_tokens(x, rows, y, into_x=plain and _owns_input(self, x, norm))
         if plain:  # what `_owns_input` asks of the next layer's input
             self.__dict__["vitidle_made"] = weakref.ref(merged)
@@ -349,11 +348,9 @@ def _owns_input(layer: nn.Module, x: Tensor, norm: nn.Module | None) -> bool:
 
 
 def _may_keep(*hooks: dict) -> bool:
-    """Whether any of these module hooks, or a global one, may keep the tensor it sees. transformers' output
-    capturing hooks (installed by a first `output_hidden_states=True`, then left) keep nothing unless the
-    forward collects outputs."""
-    if _global_hooks():
-        return True
+    """Whether any of these module hooks may keep the tensor it sees. transformers' output capturing hooks
+    (installed by a first `output_hidden_states=True`, then left) keep nothing unless the forward collects
+    outputs."""
     collector = _output_collector()
     for hook in (hook for found in hooks for hook in found.values()):
         if collector is None or collector.get() or (getattr(hook, "__module__", None),

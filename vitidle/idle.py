@@ -367,8 +367,7 @@ class IdleSequential(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         # torch.compile plans its own buffers, and cannot trace `_observed`
-        reuse = not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
-                     or isinstance(x, fx.Proxy) or _global_hooks() or _observers())
+        reuse = unobserved_eager(x)
         made_by = None  # the idle block that made x in this loop
         for block in self:
             idle = isinstance(block._modules.get(SELECTOR), TokenSelector)
@@ -386,6 +385,14 @@ def _observed(made_by: nn.Module, block: nn.Module) -> bool:
     if any(map(_patched, [made_by, block, *readers])):  # a patched forward may keep it
         return True
     return bool(made_by._forward_hooks) or any(m._forward_pre_hooks or m._forward_hooks for m in [block, *readers])
+
+
+def unobserved_eager(x: Tensor) -> bool:
+    """Whether a block may write into `x` as far as the run goes: a plain tensor in an eager forward with no
+    gradient, tracer, compiler, torch.func transform, global hook, mode or Python tracer (`_observers`). The
+    caller still proves that nothing else holds x (`IdleSequential`, `hf._owns_input`)."""
+    return (type(x) is Tensor and not torch.is_grad_enabled() and _untraced(torch.jit.is_tracing())
+            and not (_global_hooks() or _observers()))
 
 
 def _patched(module: nn.Module) -> bool:
